@@ -1,0 +1,144 @@
+"""`quantkit <verb>` and the `quantize` entry point: argument parsing and printing only.
+
+Every verb calls the public function of the module that owns the work. Mistakes the user can fix
+(quantkit.errors.InputError) print one line and exit 2; failures exit 1; no tracebacks for either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from quantkit import console
+from quantkit.errors import InputError, QuantkitError
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
+
+
+def _add_model_args(p: argparse.ArgumentParser, recipe_required: bool = True) -> None:
+    p.add_argument("--recipe", required=recipe_required, default=None if recipe_required else "balanced",
+                   help="shipped recipe name (balanced, fp8, nvfp4, int8-smoothquant, fp16) or a YAML file")
+    p.add_argument("--model", default=None,
+                   help="built-in name (minilm [default], llama-tiny), a Hugging Face folder, or package.module:function")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="precision the model runs in (default: the recipe's, else fp32)")
+
+
+# ---------------------------------------------------------------------------------------------
+# verbs
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from quantkit.recipe import load_recipe, shipped_recipe_names
+
+    rows = []
+    for name in shipped_recipe_names():
+        r = load_recipe(name)
+        rows.append((name, ",".join(r.targets), r.description))
+    console.show(console.rows_table("shipped recipes", ("name", "targets", "what"), rows))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantkit import ptq
+
+    plan = ptq.plan_for(args.recipe, args.model, dtype=args.dtype, strict=args.strict)
+    data = plan.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    console.show(console.plan_table(data))
+    if data["protected"]:
+        console.show(console.rows_table("protected in FP32", ("module", "op", "how"),
+                                        [(p["name"], p["op"], p["how"]) for p in data["protected"]]))
+    if data["attention"]:
+        console.show(console.rows_table(
+            "attention matmuls", ("module", "class", "converted", "via", "quantizers"),
+            [(a["name"], a["module_class"], "yes" if a["converted"] else "NO", a["via"],
+              ",".join(sorted(a.get("quantizers", {}))) or a.get("reason") or "") for a in data["attention"]]))
+    console.show(console.coverage_table(data["coverage"]))
+    for w in data["warnings"]:
+        console.warn(w)
+    return 0
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, recipe_required=False)
+    p.add_argument("--calib", default=None,
+                   help="calibration set folder (from `quantkit collect`); default: the model's built-in set")
+    p.add_argument("--synthetic", action="store_true",
+                   help="calibrate on random inputs (recorded in report.json; numbers then mean little)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe>-<model>)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
+    p.add_argument("--strict", action="store_true", help="a rule that matches no layer is an error")
+    _add_common(p)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantkit import ptq
+
+    result = ptq.quantize_cli(args)
+    return 0 if result.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("plan", help="show which layer gets which precision, and why")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--strict", action="store_true", help="a rule that matches no layer is an error")
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("quantize", help="protect, convert attention, calibrate and quantize; evaluate on held-out data")
+    _add_quantize_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    for register in EXTRA_VERBS:
+        register(sub)
+    return parser
+
+
+# Verbs that live with their stage: each adds its own subparser (export, audit, build, collect...).
+EXTRA_VERBS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console.set_quiet(getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
+    except QuantkitError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was changed", file=sys.stderr)
+        return 130
+
+
+def quantize_main(argv: Sequence[str] | None = None) -> int:
+    return main(["quantize", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

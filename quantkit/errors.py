@@ -1,0 +1,38 @@
+"""The errors quantkit raises for people: one line naming the thing and what to do.
+
+`InputError` (exit code 2) is for mistakes the user can fix: a bad recipe, a missing shard, a model
+spec that does not import. `QuantkitError` (exit code 1) is for a run that failed on valid input.
+The CLI prints `ClassName: message` and exits with the code; it never shows a traceback for these.
+"""
+
+
+class QuantkitError(Exception):
+    exit_code = 1
+
+
+class InputError(QuantkitError):
+    exit_code = 2
+
+
+class RecipeError(InputError):
+    pass
+
+
+class PlanError(InputError):
+    pass
+
+
+class ModelSpecError(InputError):
+    pass
+
+
+class CalibrationError(InputError):
+    pass
+
+
+class ExportError(InputError):
+    """The model could not be exported (bad input to the exporter, or a graph TensorRT cannot take)."""
+
+
+class TensorRTUnavailable(InputError):
+    pass

@@ -1,0 +1,60 @@
+"""Plain-dtype precisions per layer: a layer the plan puts in FP16/BF16/FP32 runs in that dtype.
+
+The layer's parameters are cast, its floating inputs are cast on the way in and its outputs cast
+back to the surrounding dtype on the way out, with forward hooks, so the exported graph shows the
+Cast nodes that a strongly-typed TensorRT build keeps. Module names and classes do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.recipe import FORMATS, Precision
+
+_HOOK_FLAG = "_quantkit_layer_dtype"
+
+
+def _cast_tree(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, tuple):
+        return tuple(_cast_tree(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast_tree(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast_tree(v, dtype) for k, v in value.items()}
+    return value
+
+
+def set_layer_dtype(module: nn.Module, dtype: torch.dtype, surrounding: torch.dtype) -> bool:
+    """Run `module` in `dtype` inside a model that runs in `surrounding`. Returns False if already done."""
+    if getattr(module, _HOOK_FLAG, None) is not None or dtype == surrounding:
+        return False
+    module.to(dtype)
+
+    def cast_in(mod, args, kwargs):
+        return _cast_tree(args, dtype), _cast_tree(kwargs, dtype)
+
+    def cast_out(mod, args, kwargs, output):
+        return _cast_tree(output, surrounding)
+
+    module.register_forward_pre_hook(cast_in, with_kwargs=True)
+    module.register_forward_hook(cast_out, with_kwargs=True)
+    setattr(module, _HOOK_FLAG, dtype)
+    return True
+
+
+def apply_layer_dtypes(model: nn.Module, rows: list[Any], model_dtype: torch.dtype) -> list[str]:
+    """Apply each plain-dtype row of a plan (fp16/bf16/fp32 differing from the model's dtype)."""
+    modules = dict(model.named_modules())
+    changed = []
+    for row in rows:
+        fmt = FORMATS[row.precision]
+        if row.precision == Precision.SKIP or fmt.quantized or fmt.torch_dtype is None:
+            continue
+        if set_layer_dtype(modules[row.name], getattr(torch, fmt.torch_dtype), model_dtype):
+            changed.append(row.name)
+    return changed

@@ -1,0 +1,392 @@
+"""Post-training quantization end to end: plan -> protect -> attention Q/DQ -> mtq.quantize -> evaluate.
+
+`prepare()` applies everything that changes the model's structure (FP32 guards, quantized
+attention, per-layer dtypes) and is re-run identically by `load_quantized()` before ModelOpt's
+state is restored, so a saved run reloads without calibration data. `quantize()` calibrates and
+evaluates on held-out samples against the FP32 reference; `save_run()` writes the output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quantkit import console
+from quantkit.errors import CalibrationError, InputError, QuantkitError
+from quantkit.models import DTYPES, LoadedModel, load_model
+from quantkit.plan import Plan, make_plan
+from quantkit.recipe import FORMATS, Precision, Recipe, load_recipe
+
+STATE_FILE = "modelopt_state.pth"
+RUN_FILE = "run.json"
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise InputError(f"--device {device}: use cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("quantkit", "torch", "nvidia-modelopt", "onnx", "onnxruntime", "transformers", "tensorrt"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _needs_cuda_nvfp4(plan: Plan) -> bool:
+    return any(Precision.NVFP4 in (r.weights, r.activations) for r in plan.layers)
+
+
+def enable_cpu_nvfp4_if_needed(plan: Plan, device: torch.device) -> None:
+    """ModelOpt's NVFP4 fake-quant needs CUDA; on the CPU quantkit supplies the same arithmetic."""
+    if device.type == "cpu" and _needs_cuda_nvfp4(plan):
+        try:
+            from quantkit import nvfp4_cpu
+        except ImportError:
+            raise QuantkitError("NVFP4 on the CPU is not available in this build; run on a CUDA device "
+                                "(--device cuda) or pick a recipe without nvfp4 (e.g. fp8)") from None
+        nvfp4_cpu.install()
+
+
+def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: torch.device | str = "cpu",
+            strict: bool = False) -> Plan:
+    """Move the model to device/dtype, plan it, and apply FP32 guards, attention Q/DQ and layer dtypes."""
+    from quantkit import attention, protect
+    from quantkit.layer_dtype import apply_layer_dtypes
+
+    model = loaded.model
+    model.to(device=device, dtype=_torch_dtype(dtype))
+    model.eval()
+    plan = make_plan(model, recipe, model_dtype=dtype, strict=strict)
+    protections = protect.protect_model(model, recipe.protect)
+    conversions = attention.convert_attention(model, recipe.attention)
+    apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype))
+    plan.protections = [dataclasses.asdict(p) for p in protections]
+    plan.attention = [dataclasses.asdict(c) for c in conversions]
+    for c in conversions:
+        if not c.converted:
+            plan.warnings.append(f"attention {c.name} ({c.module_class}) was not converted: {c.reason}; "
+                                 "its matmuls stay unquantized")
+    return plan
+
+
+def plan_for(recipe_spec: str, model_spec: str | None, dtype: str | None = None, strict: bool = False) -> Plan:
+    recipe = load_recipe(recipe_spec)
+    loaded = load_model(model_spec)
+    return prepare(loaded, recipe, dtype or "fp32", "cpu", strict=strict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data and evaluation
+
+
+def open_calibration(loaded: LoadedModel, calib: str | None, synthetic: bool, max_samples: int | None):
+    from quantkit import calib as calib_mod
+
+    if synthetic and calib:
+        raise InputError("--synthetic and --calib exclude each other: pick real data or random data")
+    if synthetic:
+        return calib_mod.synthetic_set(loaded, n=max_samples or 64, seed=0)
+    if calib:
+        cs = calib_mod.CalibrationSet.open(calib)
+    elif loaded.default_calibration:
+        cs = calib_mod.builtin_set(loaded, loaded.default_calibration)
+    else:
+        raise CalibrationError(
+            f"{loaded.spec}: no calibration data. Collect real inputs with `quantkit collect --model {loaded.spec} "
+            "--data ... --out calib/` and pass --calib calib/ (or --synthetic to calibrate on noise, which the "
+            "report will say)")
+    if max_samples and len(cs) > max_samples:
+        cs = cs.subset(range(max_samples))
+    return cs
+
+
+@torch.no_grad()
+def run_outputs(loaded: LoadedModel, model: nn.Module, dataset, batch_size: int, device, dtype: str,
+                desc: str) -> list[dict[str, torch.Tensor]]:
+    """The named outputs of `model` on every batch of `dataset`, in FP32 on the CPU."""
+    from tqdm.auto import tqdm
+
+    outs = []
+    batches = list(dataset.batches(batch_size, device=device, dtype=_torch_dtype(dtype)))
+    for args, kwargs in tqdm(batches, desc=desc, disable=console.is_quiet(), leave=False):
+        result = loaded.named_outputs(model(*args, **kwargs))
+        outs.append({k: v.detach().float().cpu() for k, v in result.items()})
+    return outs
+
+
+def compare_runs(reference: list[dict[str, torch.Tensor]], candidate: list[dict[str, torch.Tensor]]):
+    from quantkit.metrics import OutputsAccumulator
+
+    acc = OutputsAccumulator()
+    for ref, cand in zip(reference, candidate):
+        acc.update(ref, cand)
+    return acc.result()
+
+
+def error_histograms(reference, candidate) -> dict[str, Any]:
+    try:
+        from quantkit.report import build_error_histogram
+    except ImportError:
+        return {}
+    out = {}
+    for name in reference[0]:
+        ref = torch.cat([r[name].flatten() for r in reference])
+        cand = torch.cat([c[name].flatten() for c in candidate])
+        out[name] = build_error_histogram(ref, cand)
+    return out
+
+
+def quantizer_counts(model: nn.Module) -> dict[str, int]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    counts = {"weight": 0, "input": 0, "output": 0, "bmm": 0, "other": 0, "enabled": 0, "disabled": 0}
+    for name, m in model.named_modules():
+        if not isinstance(m, TensorQuantizer):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        kind = ("weight" if leaf == "weight_quantizer" else "input" if leaf == "input_quantizer"
+                else "output" if leaf == "output_quantizer" else "bmm" if "bmm" in leaf else "other")
+        counts[kind] += 1
+        counts["enabled" if m.is_enabled else "disabled"] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    loaded: LoadedModel
+    recipe: Recipe
+    plan: Plan
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed"))
+
+
+def _check_quantizers_reached(model: nn.Module, plan: Plan) -> list[str]:
+    """Every layer the plan quantizes must carry an enabled, calibrated weight quantizer."""
+    modules = dict(model.named_modules())
+    problems = []
+    for row in plan.quantized_layers():
+        q = getattr(modules.get(row.name), "weight_quantizer", None)
+        if q is None or not q.is_enabled:
+            problems.append(f"{row.name}: planned {row.weights} but ModelOpt put no enabled weight quantizer on it")
+    return problems
+
+
+def finish_histogram_calibration(model: nn.Module, plan: Plan) -> None:
+    from quantkit.modelopt_config import histogram_calibrated_quantizers
+
+    methods = histogram_calibrated_quantizers(plan)
+    if not methods:
+        return
+    modules = dict(model.named_modules())
+    for qname, method in methods.items():
+        q = modules.get(qname)
+        if q is None or getattr(q, "_calibrator", None) is None:
+            continue
+        kwargs = {"percentile": 99.99} if method == "percentile" else {}
+        q.load_calib_amax(method, **kwargs)
+
+
+def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "fp32",
+             device: torch.device | str = "cpu", batch_size: int | None = None, strict: bool = False) -> QuantizeResult:
+    """Quantize `loaded.model` in place under `recipe`, calibrated on `calibration`; evaluate on held-out data."""
+    import modelopt.torch.quantization as mtq
+
+    from quantkit.modelopt_config import build_quant_config
+
+    device = torch.device(device)
+    batch_size = batch_size or recipe.calibration.batch_size
+    calib_part, heldout = calibration.split(recipe.calibration.heldout_fraction, seed=0)
+    if len(calib_part) == 0 or len(heldout) == 0:
+        raise CalibrationError(f"{calibration.info().get('path') or 'calibration set'}: {len(calibration)} samples "
+                               "is too few to keep a held-out split; collect more")
+    timings: dict[str, float] = {}
+
+    # The FP32 reference: the untouched model, before anything is converted.
+    t0 = time.perf_counter()
+    loaded.model.to(device=device, dtype=torch.float32)
+    reference = run_outputs(loaded, loaded.model, heldout, batch_size, device, "fp32", "reference (fp32)")
+    timings["reference_s"] = time.perf_counter() - t0
+
+    plan = prepare(loaded, recipe, dtype, device, strict=strict)
+    enable_cpu_nvfp4_if_needed(plan, device)
+    config = build_quant_config(plan)
+    model = loaded.model
+    forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
+                                           progress=not console.is_quiet())
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        mtq.quantize(model, config, forward_loop)
+        finish_histogram_calibration(model, plan)
+    timings["quantize_s"] = time.perf_counter() - t0
+
+    from quantkit import attention
+
+    problems = _check_quantizers_reached(model, plan) + attention.verify_attention(
+        model, [attention.AttentionConversion(**a) for a in plan.attention])
+    if problems:
+        raise QuantkitError("the quantized model does not match the plan:\n  " + "\n  ".join(problems))
+
+    t0 = time.perf_counter()
+    candidate = run_outputs(loaded, model, heldout, batch_size, device, dtype, "evaluate (quantized)")
+    timings["evaluate_s"] = time.perf_counter() - t0
+    metrics = compare_runs(reference, candidate)
+    report = build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics,
+                          error_histograms(reference, candidate), timings, dtype, device)
+    return QuantizeResult(loaded, recipe, plan, report)
+
+
+def build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics, histograms, timings,
+                 dtype, device) -> dict[str, Any]:
+    from quantkit.metrics import Thresholds
+
+    thresholds = Thresholds(cosine_min=recipe.default_cosine_min(), snr_min_db=recipe.thresholds.snr_min_db)
+    failures = []
+    for name, m in metrics.items():
+        failures += m.failures(thresholds, label=f"fake-quant/{name}")
+    info = dict(calibration.info())
+    info.update(samples_total=len(calibration), calibration_samples=len(calib_part), heldout_samples=len(heldout))
+    warnings = list(plan.warnings)
+    if info.get("synthetic"):
+        warnings.insert(0, "calibrated on SYNTHETIC data (--synthetic): accuracy numbers do not reflect real inputs")
+    if torch.device(device).type == "cpu" and _needs_cuda_nvfp4(plan):
+        warnings.append("NVFP4 was simulated on the CPU with quantkit's ModelOpt-equivalent kernel")
+    return {
+        "schema": "quantkit.report/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "recipe": {"name": recipe.name, "sha256": recipe.sha256(), "targets": list(recipe.targets)},
+        "model": {"spec": loaded.spec, "class": type(model).__name__, "dtype": dtype, "device": str(device)},
+        "calibration": info,
+        "coverage": plan.coverage(),
+        "protections": plan.protections,
+        "attention": plan.attention,
+        "quantizers": quantizer_counts(model),
+        "metrics": {"fake-quant": {k: m.to_dict() for k, m in metrics.items()}},
+        "error_histograms": {"fake-quant": histograms},
+        "thresholds": thresholds.to_dict(),
+        "passed": not failures,
+        "failures": failures,
+        "timings": timings,
+        "warnings": warnings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and reloading a run
+
+
+def save_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str) -> None:
+    """Write plan.json, recipe.yaml, run.json, the ModelOpt state and the reports into `out`."""
+    import modelopt.torch.opt as mto
+
+    from quantkit.outdir import atomic_write_json, atomic_write_text
+
+    atomic_write_text(out / "recipe.yaml", result.recipe.to_yaml())
+    atomic_write_json(out / "plan.json", result.plan.to_dict())
+    atomic_write_json(out / RUN_FILE, {"model": model_spec, "dtype": dtype, "recipe": "recipe.yaml",
+                                       "input_names": result.loaded.input_names,
+                                       "output_names": result.loaded.output_names, "versions": versions()})
+    mto.save(result.loaded.model, str(out / STATE_FILE))
+    try:
+        from quantkit.report import write_reports
+    except ImportError:
+        atomic_write_json(out / "report.json", result.report)
+    else:
+        write_reports(result.report, out)
+
+
+@dataclasses.dataclass
+class QuantizedRun:
+    out_dir: Path
+    loaded: LoadedModel
+    recipe: Recipe
+    plan: Plan
+    dtype: str
+    report: dict[str, Any]
+
+
+def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu") -> QuantizedRun:
+    """Rebuild a `quantize` output folder's model: same model, same preparation, ModelOpt state restored."""
+    import modelopt.torch.opt as mto
+
+    out_dir = Path(out_dir)
+    run_file = out_dir / RUN_FILE
+    if not run_file.is_file() or not (out_dir / STATE_FILE).is_file():
+        raise InputError(f"{out_dir}: not a quantize output folder (needs {RUN_FILE} and {STATE_FILE}); "
+                         "run `quantize --out` first")
+    run = json.loads(run_file.read_text())
+    recipe = load_recipe(out_dir / "recipe.yaml")
+    loaded = load_model(run["model"])
+    device = torch.device(device)
+    plan = prepare(loaded, recipe, run["dtype"], device)
+    enable_cpu_nvfp4_if_needed(plan, device)
+    mto.restore(loaded.model, str(out_dir / STATE_FILE))
+    loaded.model.to(device)
+    report = json.loads((out_dir / "report.json").read_text()) if (out_dir / "report.json").is_file() else {}
+    return QuantizedRun(out_dir, loaded, recipe, plan, run["dtype"], report)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI glue (called by quantkit.cli)
+
+
+def _default_out(recipe: str, model: str | None) -> Path:
+    model_name = Path(model).name if model else "minilm"
+    model_name = model_name.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{Path(recipe).stem}-{model_name}"
+
+
+def quantize_cli(args) -> QuantizeResult:
+    from quantkit.outdir import OutputFolder
+
+    recipe = load_recipe(args.recipe)
+    device = resolve_device(args.device)
+    dtype = args.dtype or "fp32"
+    out = Path(args.out) if args.out else _default_out(args.recipe, args.model)
+    console.info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} on {device}")
+    loaded = load_model(args.model)
+    calibration = open_calibration(loaded, args.calib, args.synthetic, args.max_samples or recipe.calibration.max_samples)
+    console.info(f"calibration: {len(calibration)} samples from {calibration.info().get('source')}"
+                 + (" (SYNTHETIC)" if calibration.synthetic else ""))
+    with OutputFolder.staged(out) as tmp:
+        result = quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=args.batch_size,
+                          strict=args.strict)
+        save_run(result, tmp, loaded.spec, dtype)
+    report = result.report
+    for w in report["warnings"]:
+        console.warn(w)
+    console.show(console.coverage_table(report["coverage"]),
+                 console.metrics_table(report["metrics"], report["thresholds"].get("cosine_min")))
+    verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
+    console.info(f"{verdict} · results in {out}/ (report.json, plan.json, {STATE_FILE})")
+    return result

@@ -113,8 +113,105 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Verbs that live with their stage: each adds its own subparser (export, audit, build, collect...).
-EXTRA_VERBS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _register_collect(sub: argparse._SubParsersAction) -> None:
+    from quantkit import collect
+
+    p = sub.add_parser("collect", help="record the real inputs of a model or submodule as a calibration set")
+    collect.add_arguments(p)
+    p.set_defaults(func=collect.run)
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    from quantkit.export.onnx_export import register_export
+
+    register_export(sub)
+
+
+def _register_audit(sub: argparse._SubParsersAction) -> None:
+    from quantkit.export.audit import register_audit
+
+    register_audit(sub)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantkit.recipe import load_recipe
+    from quantkit.runtime.tensorrt import ShapeProfile, build_from_output_dir, parse_shape_specs
+
+    shapes = {s.name: s for s in parse_shape_specs(args.shape)}
+    recipe_file = Path(args.out_dir) / "recipe.yaml"
+    if recipe_file.is_file():  # the recipe's build profiles, unless --shape names the same input
+        for name, r in load_recipe(recipe_file).build.profiles.items():
+            shapes.setdefault(name, ShapeProfile(name, tuple(r.min), tuple(r.opt), tuple(r.max)))
+    r = build_from_output_dir(args.out_dir, list(shapes.values()) or None, workspace_gib=args.workspace_gib,
+                              opt_level=args.opt_level, cuda_graph_friendly=args.cuda_graph)
+    console.info(f"engine {r.engine_path} ({r.metadata.gpu_name}, TensorRT {r.metadata.tensorrt_version}, "
+                 f"{r.build_time_s:.1f} s); script {r.script_path}")
+    return 0
+
+
+def _register_build(sub: argparse._SubParsersAction) -> None:
+    from quantkit.runtime.tensorrt import DEFAULT_WORKSPACE_GIB, SHAPE_SYNTAX
+
+    p = sub.add_parser("build", help="build a strongly-typed TensorRT engine from an export folder; "
+                                     "always writes build_engine.sh")
+    p.add_argument("--from", dest="out_dir", required=True, metavar="OUT_DIR")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
+                   help="build shapes of one input: " + SHAPE_SYNTAX + " (repeat per input)")
+    p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB)
+    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimization level")
+    p.add_argument("--cuda-graph", action="store_true", help="check that the graph allows CUDA-graph replay")
+    _add_common(p)
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from quantkit import ptq, sensitivity
+    from quantkit.models import load_model
+    from quantkit.outdir import atomic_write_json, atomic_write_text
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    device = ptq.resolve_device(args.device)
+    loaded = load_model(args.model)
+    calibration = ptq.open_calibration(loaded, args.calib, False, args.max_samples)
+    result = sensitivity.analyse(lambda: load_model(args.model), recipe, calibration, target_cosine=args.target,
+                                 granularity=args.granularity, dtype=args.dtype or "fp32", device=device)
+    console.show(console.rows_table(
+        f"sensitivity of {recipe.name} (final-output cosine with only this unit quantized)",
+        ("rank", "unit", "layers", "cosine", "damage"),
+        [(i + 1, u.name, len(u.layers), f"{u.cosine:.6f}", f"{u.damage:.2e}") for i, u in enumerate(result.units)]))
+    if args.out:
+        from pathlib import Path
+
+        atomic_write_json(Path(args.out) / "sensitivity.json", result.to_dict())
+        atomic_write_text(Path(args.out) / "suggested-recipe.yaml", result.override_yaml())
+    verdict = "reaches" if result.reached else "does NOT reach"
+    console.info(f"full recipe cosine {result.full_cosine:.6f}; keeping {len(result.keep)} layer(s)"
+                 f"{' and the attention matmuls' if result.keep_attention else ''} in higher precision "
+                 f"{verdict} {result.target_cosine} ({result.reached_cosine:.6f}). Suggested override:")
+    print(result.override_yaml())
+    return 0 if result.reached else 1
+
+
+def _register_sensitivity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sensitivity", help="rank recipe rules/layers by the damage they do; suggest what to keep")
+    _add_model_args(p)
+    p.add_argument("--calib", default=None, help="calibration set folder (default: the model's built-in set)")
+    p.add_argument("--max-samples", type=int, default=64, help="calibration samples per trial (default 64)")
+    p.add_argument("--target", type=float, default=0.99, help="cosine the suggestion must reach (default 0.99)")
+    p.add_argument("--granularity", choices=("auto", "rule", "block", "layer"), default="auto",
+                   help="unit quantized alone (auto: layer for <= 64 quantized layers, else block)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="folder for sensitivity.json and suggested-recipe.yaml")
+    _add_common(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+
+# Verbs that live with their stage: each adds its own subparser.
+EXTRA_VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_collect, _register_export, _register_audit, _register_build, _register_sensitivity]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

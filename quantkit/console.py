@@ -95,8 +95,8 @@ def metrics_table(metrics: dict[str, dict[str, dict[str, Any]]], cosine_min: flo
                 t.add_row(runtime, out, "NaN/Inf", "-", "-", "-", "-", "FAIL")
                 continue
             ok = "" if cosine_min is None else ("yes" if m["cosine"] >= cosine_min else "NO")
-            t.add_row(runtime, out, f"{m['cosine']:.6f}", f"{m['snr_db']:.2f}", f"{m['rel_l2']:.4g}",
-                      f"{m['mse']:.4g}", f"{m['max_abs']:.4g}", ok)
+            t.add_row(runtime, out, f"{m['cosine']:.6f}", f"{float(m['snr_db']):.2f}", f"{float(m['rel_l2']):.4g}",
+                      f"{m['mse']:.4g}", f"{m['max_abs_err']:.4g}", ok)
     return t
 
 

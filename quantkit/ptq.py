@@ -216,52 +216,77 @@ def finish_histogram_calibration(model: nn.Module, plan: Plan) -> None:
         q.load_calib_amax(method, **kwargs)
 
 
-def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "fp32",
-             device: torch.device | str = "cpu", batch_size: int | None = None, strict: bool = False) -> QuantizeResult:
-    """Quantize `loaded.model` in place under `recipe`, calibrated on `calibration`; evaluate on held-out data."""
-    import modelopt.torch.quantization as mtq
-
-    from quantkit.modelopt_config import build_quant_config
-
-    device = torch.device(device)
-    batch_size = batch_size or recipe.calibration.batch_size
+def split_calibration(calibration, recipe: Recipe):
     calib_part, heldout = calibration.split(recipe.calibration.heldout_fraction, seed=0)
     if len(calib_part) == 0 or len(heldout) == 0:
         raise CalibrationError(f"{calibration.info().get('path') or 'calibration set'}: {len(calibration)} samples "
                                "is too few to keep a held-out split; collect more")
+    return calib_part, heldout
+
+
+def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: str, device: torch.device,
+                   batch_size: int, strict: bool = False) -> Plan:
+    """prepare + mtq.quantize on `calib_part`, in place; checks that the quantizers match the plan."""
+    import modelopt.torch.quantization as mtq
+
+    from quantkit import attention
+    from quantkit.modelopt_config import build_quant_config
+
+    plan = prepare(loaded, recipe, dtype, device, strict=strict)
+    enable_cpu_nvfp4_if_needed(plan, device)
+    config = build_quant_config(plan)
+    forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
+                                           progress=not console.is_quiet())
+    with torch.no_grad():
+        mtq.quantize(loaded.model, config, forward_loop)
+        finish_histogram_calibration(loaded.model, plan)
+    problems = _check_quantizers_reached(loaded.model, plan) + attention.verify_attention(
+        loaded.model, [attention.AttentionConversion(**a) for a in plan.attention])
+    if problems:
+        raise QuantkitError("the quantized model does not match the plan:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "fp32",
+             device: torch.device | str = "cpu", batch_size: int | None = None, strict: bool = False,
+             per_layer: bool = True, reference: list[dict[str, torch.Tensor]] | None = None) -> QuantizeResult:
+    """Quantize `loaded.model` in place under `recipe`, calibrated on `calibration`; evaluate on held-out data.
+
+    `reference` (FP32 outputs on the held-out split) may be passed in when several recipes are
+    tried on one model; per_layer keeps an FP32 copy of the model to compare layer by layer.
+    """
+    from quantkit.layer_error import per_layer_error
+
+    device = torch.device(device)
+    batch_size = batch_size or recipe.calibration.batch_size
+    calib_part, heldout = split_calibration(calibration, recipe)
     timings: dict[str, float] = {}
 
     # The FP32 reference: the untouched model, before anything is converted.
     t0 = time.perf_counter()
     loaded.model.to(device=device, dtype=torch.float32)
-    reference = run_outputs(loaded, loaded.model, heldout, batch_size, device, "fp32", "reference (fp32)")
+    if reference is None:
+        reference = run_outputs(loaded, loaded.model, heldout, batch_size, device, "fp32", "reference (fp32)")
+    reference_model = copy.deepcopy(loaded.model) if per_layer else None
     timings["reference_s"] = time.perf_counter() - t0
 
-    plan = prepare(loaded, recipe, dtype, device, strict=strict)
-    enable_cpu_nvfp4_if_needed(plan, device)
-    config = build_quant_config(plan)
-    model = loaded.model
-    forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
-                                           progress=not console.is_quiet())
     t0 = time.perf_counter()
-    with torch.no_grad():
-        mtq.quantize(model, config, forward_loop)
-        finish_histogram_calibration(model, plan)
+    plan = quantize_model(loaded, recipe, calib_part, dtype=dtype, device=device, batch_size=batch_size, strict=strict)
     timings["quantize_s"] = time.perf_counter() - t0
 
-    from quantkit import attention
-
-    problems = _check_quantizers_reached(model, plan) + attention.verify_attention(
-        model, [attention.AttentionConversion(**a) for a in plan.attention])
-    if problems:
-        raise QuantkitError("the quantized model does not match the plan:\n  " + "\n  ".join(problems))
-
     t0 = time.perf_counter()
+    model = loaded.model
     candidate = run_outputs(loaded, model, heldout, batch_size, device, dtype, "evaluate (quantized)")
-    timings["evaluate_s"] = time.perf_counter() - t0
     metrics = compare_runs(reference, candidate)
+    layers = []
+    if reference_model is not None:
+        layers = per_layer_error(reference_model, model, heldout, plan.layers, batch_size, device,
+                                 torch.float32, _torch_dtype(dtype))
+        del reference_model
+    timings["evaluate_s"] = time.perf_counter() - t0
     report = build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics,
                           error_histograms(reference, candidate), timings, dtype, device)
+    report["per_layer"] = layers
     return QuantizeResult(loaded, recipe, plan, report)
 
 

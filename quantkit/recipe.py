@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from enum import Enum
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -384,7 +384,12 @@ def shipped_recipes_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "recipes"
     if checkout.is_dir():
         return checkout
-    return Path(str(resources.files("quantkit.recipes")))
+    # A wheel installs recipes/ as the namespace package quantkit.recipes (no __init__.py), whose
+    # resources.files() is a MultiplexedPath: take its real folder from the import spec.
+    spec = importlib.util.find_spec("quantkit.recipes")
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError("the shipped recipes are missing from this installation; reinstall quantkit")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def shipped_recipe_names() -> list[str]:

@@ -61,7 +61,8 @@ class LoadedModel:
 
     def exportable(self) -> nn.Module:
         """The model behind a forward that takes the inputs positionally and returns a tuple."""
-        return _OutputsAsTuple(self.model, self.input_names, self)
+        # torch.onnx.export restores the top module's training flag afterwards: keep it in eval mode.
+        return _OutputsAsTuple(self.model, self.input_names, self).eval()
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:

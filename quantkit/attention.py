@@ -1,0 +1,548 @@
+"""Quantized attention: Q·Kᵀ and P·V with ModelOpt TensorQuantizers on Q, K, V (and P), softmax in FP32.
+
+Attention is routed through quantkit's own code path, chosen by what the module's forward calls:
+transformers attention modules (the attention interface) run their family's `eager_attention_forward`
+with torch.matmul and softmax intercepted; modules calling F.scaled_dot_product_attention get explicit
+matmuls instead; modules with a two-matmul eager attention get their matmuls intercepted. The
+quantizers (`q/k/v/p_bmm_quantizer`, ModelOpt's names) are created by `mtq.quantize` itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import inspect
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.recipe import AttentionSpec, NamePattern, Precision
+
+IMPLEMENTATION = "quantkit"  # the name registered in transformers' AttentionInterface
+ROLES = ("q", "k", "v", "p")
+SOFTMAX_FLAG = "_quantkit_softmax_fp32"  # instance attribute: compute this attention's softmax in FP32
+_ROUTED_FLAG = "_quantkit_routed"  # class attribute of the classes quantkit swaps in: "sdpa" | "eager"
+_ORIGINAL_ATTN = "_quantkit_original_attn"  # config attribute: implementation to fall back to
+
+# The originals, taken before anything patches them.
+_matmul = torch.matmul
+_bmm = torch.bmm
+_tensor_matmul = torch.Tensor.__matmul__
+_torch_softmax = torch.softmax
+_sdpa = F.scaled_dot_product_attention
+
+
+@dataclass(frozen=True)
+class AttentionConversion:
+    name: str  # module name relative to the model root
+    module_class: str
+    converted: bool
+    via: str  # "quantkit" | "modelopt"
+    reason: str | None
+    quantizers: dict[str, str]  # "q"/"k"/"v"/"p" -> quantizer module name as mtq.quantize will see it
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic: FP32 softmax and quantized matmuls
+
+
+def fp32_softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """softmax(x) computed as Cast(FLOAT) -> Softmax -> Cast(back): an explicit `.float()`, because
+    `softmax(x, dtype=torch.float32)` exports as a half-precision Softmax followed by a Cast."""
+    if dim is None:  # torch's legacy implicit dim
+        dim = 0 if input.dim() in (0, 1, 3) else 1
+    out_dtype = dtype if dtype is not None else input.dtype
+    return _torch_softmax(input.float(), dim).to(out_dtype)
+
+
+def _tensor_softmax(self: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return fp32_softmax(self, dim, dtype=dtype)
+
+
+def _quantizers(module: nn.Module) -> dict[str, Any]:
+    return {r: q for r in ROLES if (q := getattr(module, f"{r}_bmm_quantizer", None)) is not None}
+
+
+def _active(quantizers: dict[str, Any]) -> bool:
+    return any(getattr(q, "is_enabled", True) for q in quantizers.values())
+
+
+class _MatmulRouter:
+    """Puts the quantizers on the two matmuls of one attention call: Q·Kᵀ first, then P·V."""
+
+    def __init__(self, module: nn.Module, quantizers: dict[str, Any]):
+        self.where = type(module).__name__
+        self.q = quantizers
+        self.calls = 0
+
+    def _quant(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        q = self.q.get(role)
+        return x if q is None else q(x)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, op: Callable = _matmul) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            a = self._quant("q", a)
+            k = self.q.get("k")
+            if k is not None and getattr(k, "is_enabled", True):
+                # Quantize K in its own (…, seq, head_dim) layout, as ModelOpt does, so axis settings mean the same.
+                b = k(b.transpose(-1, -2)).transpose(-1, -2)
+        elif self.calls == 2:
+            a = self._quant("p", a)
+            b = self._quant("v", b)
+        else:
+            raise RuntimeError(f"quantkit attention: {self.where} ran more than two matmuls inside one attention "
+                               "call; its quantizers would land on the wrong tensors")
+        return op(a, b)
+
+    def check(self) -> None:
+        if self.calls != 2:
+            raise RuntimeError(f"quantkit attention: {self.where} ran {self.calls} matmul(s) inside one attention "
+                               "call, expected 2 (Q·Kᵀ and P·V); its quantizers did not see Q, K, V, P")
+
+
+@contextlib.contextmanager
+def _patched(targets: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    for obj, name, value in targets:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+def _softmax_targets() -> list[tuple[Any, str, Any]]:
+    return [(torch.nn.functional, "softmax", fp32_softmax), (torch, "softmax", fp32_softmax),
+            (torch.Tensor, "softmax", _tensor_softmax)]
+
+
+@contextlib.contextmanager
+def attention_scope(module: nn.Module, *, force_softmax: bool | None = None) -> Iterator[None]:
+    """Within it, an eager attention's torch.matmul/bmm/@ carry `module`'s quantizers and softmax runs in FP32."""
+    targets = []
+    if getattr(module, SOFTMAX_FLAG, False) if force_softmax is None else force_softmax:
+        targets += _softmax_targets()
+    quantizers = _quantizers(module)
+    router = _MatmulRouter(module, quantizers) if _active(quantizers) else None
+    if router is not None:
+        def tensor_matmul(self: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+            return router(self, other)
+
+        targets += [(torch, "matmul", router), (torch, "bmm", functools.partial(router, op=_bmm)),
+                    (torch.Tensor, "__matmul__", tensor_matmul)]
+    with _patched(targets):
+        yield
+    if router is not None:
+        router.check()
+
+
+def _needs_explicit(module: nn.Module, *tensors: torch.Tensor) -> bool:
+    """Explicit (quantkit) arithmetic is needed when quantizers are on, or to upcast a half-precision softmax.
+
+    Otherwise the original kernel runs, so FP32 outputs stay bit-identical to the unprotected model."""
+    if _active(_quantizers(module)):
+        return True
+    return bool(getattr(module, SOFTMAX_FLAG, False)) and any(
+        t is not None and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+
+
+def explicit_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                  scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention with the matmuls written out, quantized, and the softmax in FP32."""
+    if not _needs_explicit(module, query):
+        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                     scale=scale, enable_gqa=enable_gqa)
+    quantizers = _quantizers(module)
+    router = _MatmulRouter(module, quantizers)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    L, S = query.shape[-2], key.shape[-2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = router(query, key.transpose(-2, -1)) * scale
+    if getattr(module, SOFTMAX_FLAG, False):
+        scores = scores.float()
+    # A finite "minus infinity": a fully masked row gives a uniform row instead of NaN.
+    neg = torch.finfo(scores.dtype).min
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, neg)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, neg)
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    probs = _torch_softmax(scores, -1).to(value.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = router(probs, value)
+    router.check()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers: the `quantkit` attention implementation
+
+
+def _family_eager(module: nn.Module) -> Callable | None:
+    """The `eager_attention_forward` of the modeling file that defines the module's attention class."""
+    for cls in type(module).__mro__:
+        mod = sys.modules.get(cls.__module__)
+        fn = getattr(mod, "eager_attention_forward", None) if mod is not None else None
+        if callable(fn):
+            return fn
+    return None
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)
+
+
+def quantkit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any):
+    """transformers attention function: the family's eager attention, quantized, softmax in FP32.
+
+    With no quantizer on and nothing to upcast it calls the implementation the model had before
+    (sdpa or eager), so that protection alone leaves FP32 outputs bit-identical."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = getattr(module, "config", None)
+    original = getattr(config, _ORIGINAL_ATTN, "sdpa")
+    eager = _family_eager(module)
+    if eager is None:
+        raise RuntimeError(f"quantkit attention: no eager_attention_forward next to {type(module).__name__}")
+    if not _needs_explicit(module, query):
+        fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+    if attention_mask is None and original == "sdpa" and query.shape[2] > 1:
+        # The sdpa mask is skipped for plain causal attention (the kernel's is_causal does it); eager needs it.
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        if is_causal:
+            attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
+                                        device=query.device).tril()[None, None]
+    if attention_mask is not None:
+        attention_mask = _additive_mask(attention_mask, query.dtype)
+    with attention_scope(module):
+        return eager(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _quantkit_mask(*args: Any, **kwargs: Any):
+    """Mask function of the `quantkit` implementation: the one of the implementation it replaced."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    original = getattr(kwargs.get("config"), _ORIGINAL_ATTN, "sdpa")
+    return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs)
+
+
+def register_transformers_implementation() -> None:
+    """Register `quantkit` in transformers' attention and mask interfaces (idempotent)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, quantkit_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, _quantkit_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding attention in a model
+
+
+@dataclass
+class AttentionSite:
+    name: str
+    module: nn.Module
+    kind: str | None  # "interface" | "sdpa" | "eager"; None: an attention quantkit cannot route
+    reason: str | None = None
+
+    @property
+    def module_class(self) -> str:
+        return original_class(self.module).__name__
+
+
+def original_class(module: nn.Module) -> type:
+    cls = type(module)
+    while getattr(cls, "_quantkit_original", None) is not None and cls._quantkit_original is not cls:
+        cls = cls._quantkit_original
+    return cls
+
+
+def _source_tree(fn: Callable) -> ast.AST | None:
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_pattern(fn: Callable) -> tuple[int, int]:
+    """(matmul-like ops, softmax calls) written directly in `fn`."""
+    tree = _source_tree(fn)
+    if tree is None:
+        return -1, -1
+    mm = sm = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if name in ("matmul", "bmm"):
+                mm += 1
+            elif name in ("baddbmm", "einsum", "mm"):
+                mm += 100  # forms quantkit does not intercept
+            elif name == "softmax":
+                sm += 1
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+            mm += 1
+    return mm, sm
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_ok(fn: Callable) -> str | None:
+    mm, sm = _matmul_pattern(fn)
+    if mm == 2 and sm >= 1:
+        return None
+    where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+    if mm < 0:
+        return f"the source of {where} is not available"
+    return f"{where} does not compute attention as two matmuls around a softmax"
+
+
+def _classify(module: nn.Module) -> tuple[str | None, str | None]:
+    cls = original_class(module)
+    routed = getattr(type(module), _ROUTED_FLAG, None)
+    if routed:
+        return routed, None
+    forward = inspect.unwrap(cls.forward)
+    code = getattr(forward, "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    if "ALL_ATTENTION_FUNCTIONS" in names:
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "_attn_implementation"):
+            return None, f"{cls.__name__} uses the transformers attention interface but has no config to switch"
+        eager = _family_eager(module)
+        if eager is None:
+            return None, f"{cls.__module__} has no eager_attention_forward to run quantized"
+        reason = _eager_ok(eager)
+        return ("interface", None) if reason is None else (None, reason)
+    if "scaled_dot_product_attention" in names or any(
+            forward.__globals__.get(n) is _sdpa for n in names if hasattr(forward, "__globals__")):
+        return "sdpa", None
+    if isinstance(module, nn.MultiheadAttention):
+        return None, "torch.nn.MultiheadAttention runs fused kernels quantkit does not convert"
+    if not cls.__module__.startswith("torch.") and "softmax" in names:
+        mm, sm = _matmul_pattern(forward)
+        if mm == 2 and sm >= 1:
+            return "eager", None
+    if cls.__name__.endswith("Attention"):
+        return None, ("its forward neither calls the transformers attention interface or "
+                      "F.scaled_dot_product_attention nor computes two matmuls around a softmax")
+    return None, None
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Every attention in `model`: those quantkit can route (kind set) and attention-named modules it cannot."""
+    found: list[AttentionSite] = []
+    for name, module in model.named_modules():
+        kind, reason = _classify(module)
+        if kind is not None or reason is not None:
+            found.append(AttentionSite(name, module, kind, reason))
+    def wraps_other(site: AttentionSite) -> bool:
+        prefix = f"{site.name}." if site.name else ""
+        return any(o is not site and o.name.startswith(prefix) for o in found)
+
+    # An unroutable module that merely wraps another attention (BertAttention around BertSelfAttention) is no site.
+    return [s for s in found if s.kind is not None or not wraps_other(s)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing attention through quantkit
+
+
+_ROUTED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _routed_class(cls: type, kind: str) -> type:
+    key = (cls, kind)
+    if key in _ROUTED_CLASSES:
+        return _ROUTED_CLASSES[key]
+    original_forward = cls.forward
+    if kind == "sdpa":
+        def forward(self, *args, **kwargs):
+            bound = functools.partial(explicit_sdpa, self)
+            targets = [(torch.nn.functional, "scaled_dot_product_attention", bound)]
+            glb = getattr(inspect.unwrap(original_forward), "__globals__", {})
+            mod = sys.modules.get(cls.__module__)
+            for space in {id(glb): glb, id(getattr(mod, "__dict__", {})): getattr(mod, "__dict__", {})}.values():
+                targets += [(_DictSlot(space), n, bound) for n, v in list(space.items()) if v is _sdpa]
+            with _patched(targets):
+                return original_forward(self, *args, **kwargs)
+    else:
+        def forward(self, *args, **kwargs):
+            with attention_scope(self):
+                return original_forward(self, *args, **kwargs)
+    routed = type(cls.__name__, (cls,), {"forward": forward, _ROUTED_FLAG: kind, "_quantkit_original": cls,
+                                         "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    _ROUTED_CLASSES[key] = routed
+    return routed
+
+
+class _DictSlot:
+    """setattr/getattr onto a namespace dict (a module's globals), for `_patched`."""
+
+    def __init__(self, space: dict[str, Any]):
+        object.__setattr__(self, "_space", space)
+
+    def __getattr__(self, name: str) -> Any:
+        return self._space[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._space[name] = value
+
+
+def route(site: AttentionSite, fp32_softmax: bool | None = None) -> None:
+    """Send `site` through quantkit's attention. fp32_softmax=None leaves the softmax setting as it is."""
+    module = site.module
+    if site.kind == "interface":
+        register_transformers_implementation()
+        config = module.config
+        if config._attn_implementation != IMPLEMENTATION:
+            current = config._attn_implementation
+            object.__setattr__(config, _ORIGINAL_ATTN, current if current in ("eager", "sdpa") else "sdpa")
+            config._attn_implementation = {"": IMPLEMENTATION}  # this config only, not its sub-configs
+    elif site.kind in ("sdpa", "eager"):
+        if not getattr(type(module), _ROUTED_FLAG, None):
+            module.__class__ = _routed_class(type(module), site.kind)
+    else:
+        raise ValueError(f"{site.name}: cannot route: {site.reason}")
+    if fp32_softmax is not None:
+        setattr(module, SOFTMAX_FLAG, bool(fp32_softmax))
+    elif not hasattr(module, SOFTMAX_FLAG):
+        setattr(module, SOFTMAX_FLAG, False)
+
+
+def describe_route(site: AttentionSite) -> str:
+    if site.kind == "interface":
+        return (f"transformers attention implementation '{IMPLEMENTATION}': the family's eager_attention_forward "
+                "with explicit Q·Kᵀ and P·V")
+    if site.kind == "sdpa":
+        return "F.scaled_dot_product_attention replaced by explicit Q·Kᵀ, softmax, P·V"
+    return "its two matmuls and softmax intercepted"
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelOpt: quantizers created by mtq.quantize
+
+
+_QUANTIZER_CLASS: type | None = None
+
+
+def _quantizer_class() -> type:
+    """The ModelOpt QuantModule that gives an attention module its four bmm quantizers.
+
+    Registering it in QuantModuleRegistry (instead of attaching TensorQuantizers ourselves) matters:
+    mtq.quantize skips replacing Linear layers when the model already holds any TensorQuantizer."""
+    global _QUANTIZER_CLASS
+    if _QUANTIZER_CLASS is None:
+        from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+
+        class QuantkitAttentionQuantizers(QuantModule):
+            def _setup(self):
+                for role in ROLES:
+                    setattr(self, f"{role}_bmm_quantizer", TensorQuantizer())
+
+        _QUANTIZER_CLASS = QuantkitAttentionQuantizers
+    return _QUANTIZER_CLASS
+
+
+def register_quantizers(cls: type) -> None:
+    """Make mtq.quantize (and mto.restore) give instances of `cls` quantkit's bmm quantizers (idempotent)."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    dm = _quantizer_class()
+    registry = QuantModuleRegistry._registry
+    if registry.get(cls) is dm:
+        return
+    if cls in registry:  # e.g. ModelOpt's own _QuantAttention from an earlier mtq.quantize in this process
+        QuantModuleRegistry.unregister(cls)
+    QuantModuleRegistry.register({cls: f"quantkit.{cls.__module__}.{cls.__qualname__}"})(dm)
+    # A registered base class with the same forward would win the lookup; take it off for this class.
+    for _ in range(4):
+        hit = QuantModuleRegistry._get_registered_nn_class(cls)
+        if hit is cls or hit is None:
+            break
+        QuantModuleRegistry.unregister(hit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def _quantizer_names(name: str) -> dict[str, str]:
+    prefix = f"{name}." if name else ""
+    return {r: f"{prefix}{r}_bmm_quantizer" for r in ROLES}
+
+
+def convert_attention(model: nn.Module, spec: AttentionSpec) -> list[AttentionConversion]:
+    """Route the attentions `spec.match` selects through quantkit and register their bmm quantizers.
+
+    Call before mtq.quantize (and again, identically, before mto.restore). The quantizers are created
+    by mtq.quantize; their names are in each conversion's `quantizers` ("p" only with
+    quantize_softmax_output). precision skip: nothing is converted and [] is returned."""
+    if spec.precision == Precision.SKIP:
+        return []
+    patterns = [NamePattern(p) for p in spec.match]
+    out = []
+    for site in attention_sites(model):
+        if not any(p.matches(site.name) for p in patterns):
+            continue
+        if site.kind is None:
+            out.append(AttentionConversion(site.name, site.module_class, False, "quantkit", site.reason, {}))
+            continue
+        route(site)
+        register_quantizers(type(site.module))
+        names = _quantizer_names(site.name)
+        roles = ROLES if spec.quantize_softmax_output else ROLES[:3]
+        out.append(AttentionConversion(site.name, site.module_class, True, "quantkit", None,
+                                       {r: names[r] for r in roles}))
+    return out
+
+
+def verify_attention(model: nn.Module, conversions: list[AttentionConversion]) -> list[str]:
+    """After mtq.quantize: one message per converted attention whose quantizers are missing, off or uncalibrated."""
+    modules = dict(model.named_modules())
+    problems = []
+    for c in conversions:
+        if not c.converted:
+            continue
+        module = modules.get(c.name)
+        if module is None:
+            problems.append(f"{c.name}: attention module not found in the model")
+            continue
+        config = getattr(module, "config", None)
+        kind = getattr(type(module), _ROUTED_FLAG, None)
+        if kind is None and getattr(config, "_attn_implementation", None) != IMPLEMENTATION:
+            problems.append(f"{c.name}: attention no longer runs through quantkit (implementation "
+                            f"{getattr(config, '_attn_implementation', None)!r}); its matmuls bypass the quantizers")
+        for role, qname in c.quantizers.items():
+            q = modules.get(qname)
+            if q is None:
+                problems.append(f"{qname}: {role} quantizer missing (convert_attention must run before mtq.quantize)")
+            elif not getattr(q, "is_enabled", False):
+                problems.append(f"{qname}: {role} quantizer is disabled (no quant_cfg entry enabled it)")
+            elif getattr(q, "amax", None) is None:
+                problems.append(f"{qname}: {role} quantizer was not calibrated (amax is None): the attention "
+                                "did not run through quantkit during calibration")
+    return problems

@@ -1,0 +1,485 @@
+"""The precision audit: what an exported graph really computes in, read from the graph, checked against the plan.
+
+`audit(model.onnx, plan)` walks the graph with inferred dtypes and finds every MatMul/Gemm/Conv and
+the format of the DequantizeLinear feeding each operand, every Softmax, normalization
+(LayerNormalization, the RMSNorm pattern ReduceMean(x²)…Sqrt/Reciprocal) and rotary pattern with the
+dtype it computes in, the attention matmuls with and without Q/DQ, and Casts that narrow a protected
+op's input. Against a plan it checks that each planned layer has Q/DQ of its format, that no layer
+the plan left alone is quantized, and that every protected op computes in FP32. `PrecisionAudit`
+is truthy when there is no violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import onnx
+
+from quantkit.export.graph import (
+    COMPUTE_OPS, DQ_OPS, FLOAT, FLOAT_TYPES, FP4_DYNAMIC_OPS, PASS_THROUGH_OPS, Q_OPS, QUANT_FORMATS, GraphIndex,
+    attribute, dtype_name,
+)
+
+_OPERAND_THROUGH = PASS_THROUGH_OPS | {"Cast", "Mul"}  # Mul: a scale moved between DQ and MatMul (FP8 exporter)
+_NARROW = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+FP8_SOFTMAX_SCALE = 1.0 / 448.0
+
+
+@dataclasses.dataclass
+class PrecisionAudit:
+    """The audit of one graph. Truthy when it has no violation."""
+
+    path: str
+    counts: dict[str, Any]
+    compute: list[dict[str, Any]]
+    softmax: list[dict[str, Any]]
+    norms: list[dict[str, Any]]
+    rope: list[dict[str, Any]]
+    attention: list[dict[str, Any]]
+    narrowing_casts: list[dict[str, Any]]
+    exporter_added: list[str]
+    violations: list[str]
+    checked_against_plan: bool
+    # Planned quantized layers with no node in the graph: no graph output depends on them (e.g. a
+    # pooler when only last_hidden_state is exported), so the exporter removed them.
+    planned_but_absent: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return not self.violations
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# graph reading
+
+
+def _format_of_dq(index: GraphIndex, dq: onnx.NodeProto) -> str | None:
+    """fp8 / int8 / nvfp4 for the element type a DequantizeLinear dequantizes."""
+    src = dq.input[0]
+    producer = index.producer.get(src)
+    if producer is not None and producer.op_type in FP4_DYNAMIC_OPS:
+        return "nvfp4"
+    elem = index.dtype(src)
+    if elem is None and producer is not None and producer.op_type in Q_OPS:
+        elem = index.dtype(producer.output[0])
+    return QUANT_FORMATS.get(elem)
+
+
+def _operand(index: GraphIndex, tensor: str) -> dict[str, Any]:
+    """What feeds one input of a compute op: the DQ (through data-movement ops), its format, weight or not."""
+    node = index.producer.get(tensor)
+    hops = 0
+    while node is not None and node.op_type in _OPERAND_THROUGH and hops < 12:
+        if node.op_type == "Mul":
+            data = [i for i in node.input if not index.is_constant(i)]
+            if len(data) != 1:
+                break
+            nxt = data[0]
+        else:
+            nxt = node.input[0]
+        node = index.producer.get(nxt)
+        hops += 1
+    if node is not None and node.op_type in DQ_OPS:
+        fmt = _format_of_dq(index, node)
+        return {"format": fmt, "dq": node.name, "constant": index.is_constant(node.input[0]), "dtype": dtype_name(index.dtype(tensor))}
+    return {"format": None, "dq": None, "constant": index.is_constant(tensor), "dtype": dtype_name(index.dtype(tensor))}
+
+
+def _compute_nodes(index: GraphIndex) -> list[dict[str, Any]]:
+    rows = []
+    for node in index.nodes:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        a = _operand(index, node.input[0])
+        b = _operand(index, node.input[1]) if len(node.input) > 1 else {"format": None, "constant": False}
+        if node.op_type in ("Conv", "ConvTranspose") or b["constant"] or not a["constant"]:
+            act, weight = a, b
+        else:
+            act, weight = b, a
+        activation_only = not weight.get("constant") and not act.get("constant")
+        rows.append({
+            "node": node.name, "op": node.op_type, "module": index.module_of(node),
+            "weights": weight.get("format"), "activations": act.get("format"),
+            "kind": "activation-activation" if activation_only else "weight",
+            "operands": [a.get("format"), b.get("format")],
+            "dtype": dtype_name(index.dtype(node.output[0])),
+        })
+    return rows
+
+
+def _narrowing_cast_upstream(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    node = index.producer.get(tensor)
+    hops = 0
+    while node is not None and hops < 6:
+        if node.op_type == "Cast":
+            to = int(attribute(node, "to", 0))
+            src = index.dtype(node.input[0])
+            if to in _NARROW and src not in _NARROW:
+                return node
+            return None
+        if node.op_type not in PASS_THROUGH_OPS | {"Add", "Sub", "Mul", "Div", "Where"}:
+            return None
+        node = index.producer.get(node.input[0])
+        hops += 1
+    return None
+
+
+def _softmaxes(index: GraphIndex) -> list[dict[str, Any]]:
+    rows = []
+    for node in index.nodes:
+        if node.op_type == "Softmax":
+            dtype = index.dtype(node.input[0])
+            cast = _narrowing_cast_upstream(index, node.input[0]) if dtype != FLOAT else None
+            rows.append({"node": node.name, "module": index.module_of(node), "dtype": dtype_name(dtype),
+                         "narrowed_by": cast.name if cast is not None else None})
+    return rows
+
+
+def _is_square(index: GraphIndex, node: onnx.NodeProto | None) -> str | None:
+    """The tensor squared by `node` (Pow(x, 2) or Mul(x, x)), else None."""
+    if node is None:
+        return None
+    if node.op_type == "Pow" and len(node.input) > 1:
+        value = index.constant_value(node.input[1])
+        if value is not None and value.size == 1 and float(value.reshape(-1)[0]) == 2.0:
+            return node.input[0]
+    if node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
+        return node.input[0]
+    return None
+
+
+def _downstream(index: GraphIndex, tensor: str, ops: set[str], depth: int = 4) -> list[onnx.NodeProto]:
+    found, frontier = [], [tensor]
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            for c in index.consumers.get(t, []):
+                if c.op_type in ops:
+                    found.append(c)
+                nxt.extend(c.output)
+        frontier = nxt
+    return found
+
+
+def _norms(index: GraphIndex) -> list[dict[str, Any]]:
+    rows = []
+    for node in index.nodes:
+        if node.op_type in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+            dtype = index.dtype(node.input[0])
+            cast = _narrowing_cast_upstream(index, node.input[0]) if dtype != FLOAT else None
+            kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
+            rows.append({"node": node.name, "module": index.module_of(node), "kind": kind, "pattern": node.op_type,
+                         "dtype": dtype_name(dtype), "narrowed_by": cast.name if cast is not None else None})
+        elif node.op_type == "ReduceMean":
+            squared = _is_square(index, index.producer.get(node.input[0]))
+            if squared is None:
+                continue
+            tail = _downstream(index, node.output[0], {"Sqrt", "Reciprocal", "Div"})
+            if not tail:
+                continue
+            sub = index.producer.get(squared)
+            kind = "layernorm" if sub is not None and sub.op_type == "Sub" else "rmsnorm"
+            chain = [index.producer[node.input[0]], node, *tail]
+            dtypes = {dtype_name(index.dtype(n.output[0])) for n in chain}
+            dtype = index.dtype(squared)
+            worst = dtype if all(index.dtype(n.output[0]) == dtype for n in chain) else next(
+                (index.dtype(n.output[0]) for n in chain if index.dtype(n.output[0]) != FLOAT), dtype)
+            cast = _narrowing_cast_upstream(index, squared) if worst != FLOAT else None
+            rows.append({"node": node.name, "module": index.module_of(node), "kind": kind,
+                         "pattern": "ReduceMean(x^2)...Sqrt/Reciprocal", "dtype": dtype_name(worst),
+                         "dtypes": sorted(dtypes), "narrowed_by": cast.name if cast is not None else None})
+    return rows
+
+
+def _ropes(index: GraphIndex) -> list[dict[str, Any]]:
+    """rotate_half(x) = Concat(-x2, x1); RoPE = x*cos + rotate_half(x)*sin: Neg -> Concat -> Mul -> Add."""
+    rows = []
+    for node in index.nodes:
+        if node.op_type != "Neg":
+            continue
+        for concat in _downstream(index, node.output[0], {"Concat"}, depth=2):
+            for mul in _downstream(index, concat.output[0], {"Mul"}, depth=2):
+                for add in _downstream(index, mul.output[0], {"Add"}, depth=1):
+                    dtype = index.dtype(add.output[0])
+                    mul_types = {index.dtype(i) for i in mul.input if index.dtype(i) in FLOAT_TYPES}
+                    worst = dtype if dtype != FLOAT else next((t for t in mul_types if t != FLOAT), FLOAT)
+                    cast = _narrowing_cast_upstream(index, concat.output[0]) if worst != FLOAT else None
+                    rows.append({"node": add.name, "module": index.module_of(add), "dtype": dtype_name(worst),
+                                 "narrowed_by": cast.name if cast is not None else None})
+    for node in index.nodes:  # the cos/sin tables of a rotary-embedding module
+        if node.op_type in ("Cos", "Sin"):
+            rows.append({"node": node.name, "module": index.module_of(node), "dtype": dtype_name(index.dtype(node.input[0])),
+                         "narrowed_by": None, "table": True})
+    seen, out = set(), []
+    for r in rows:
+        if r["node"] not in seen:
+            seen.add(r["node"])
+            out.append(r)
+    return out
+
+
+def _exporter_added_qdq(index: GraphIndex) -> dict[str, str]:
+    """Q/DQ that ModelOpt's FP8 exporter inserts after a Softmax (fixed scale 1/448), by DQ name -> Softmax."""
+    out = {}
+    for node in index.nodes:
+        if node.op_type not in Q_OPS:
+            continue
+        producer = index.producer.get(node.input[0])
+        if producer is None or producer.op_type != "Softmax" or not node.name.startswith(producer.name + "/"):
+            continue
+        scale = index.constant_value(node.input[1])
+        if scale is None or abs(float(scale.reshape(-1)[0]) - FP8_SOFTMAX_SCALE) > 1e-9:
+            continue
+        for dq in index.consumers.get(node.output[0], []):
+            if dq.op_type in DQ_OPS:
+                out[dq.name] = producer.name
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+def _within(module: str, scope: str) -> bool:
+    return bool(scope) and (module == scope or module.startswith(scope + "."))
+
+
+def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict], norms: list[dict],
+                rope: list[dict], exporter_added: dict[str, str], index: GraphIndex) -> tuple[list[str], list[dict]]:
+    violations: list[str] = []
+    absent: list[str] = []
+    layers = {row["name"]: row for row in plan.get("layers", [])}
+    by_module: dict[str, list[dict]] = {}
+    for row in compute:
+        by_module.setdefault(row["module"], []).append(row)
+
+    for name, row in layers.items():
+        if row.get("kind") not in ("linear", "conv"):
+            continue
+        nodes = [c for c in compute if c["kind"] == "weight" and (c["module"] == name)]
+        want_w, want_a = row.get("weights"), row.get("activations")
+        if want_w or want_a:
+            if not nodes:
+                absent.append(name)  # its output feeds no graph output: the exporter dropped it as dead code
+                continue
+            for c in nodes:
+                if want_w and c["weights"] != want_w:
+                    violations.append(f"{name}: planned {want_w} weights, but {c['op']} '{c['node']}' has "
+                                      f"{c['weights'] or 'unquantized'} weights (no {want_w} DequantizeLinear)")
+                if want_a and c["activations"] != want_a:
+                    violations.append(f"{name}: planned {want_a} activations, but {c['op']} '{c['node']}' has "
+                                      f"{c['activations'] or 'unquantized'} activations")
+        else:
+            for c in nodes:
+                if c["weights"] or c["activations"]:
+                    violations.append(f"{name}: the plan leaves it unquantized ({row.get('precision')}), but "
+                                      f"{c['op']} '{c['node']}' has {c['weights'] or c['activations']} Q/DQ")
+
+    # Quantized weight matmuls that belong to no planned layer.
+    for c in compute:
+        if c["kind"] == "weight" and (c["weights"] or c["activations"]) and c["module"] not in layers:
+            violations.append(f"{c['op']} '{c['node']}' is quantized ({c['weights'] or c['activations']}) but its "
+                              f"module '{c['module']}' is not a layer of the plan")
+
+    # Attention matmuls.
+    attention_rows = []
+    conversions = plan.get("attention", [])
+    for c in compute:
+        if c["kind"] != "activation-activation":
+            continue
+        entry = next((a for a in conversions if _within(c["module"], a.get("name", ""))), None)
+        added = [fmt for fmt in c["operands"] if fmt]
+        exporter = any(dq for dq in exporter_added if _operand_dq_is(index, c["node"], dq))
+        row = {"node": c["node"], "module": c["module"], "operands": c["operands"], "dtype": c["dtype"],
+               "attention": entry.get("name") if entry else None, "quantized": bool(added),
+               "exporter_added_qdq": exporter}
+        attention_rows.append(row)
+        if entry and entry.get("converted") and entry.get("quantizers"):
+            if not added:
+                violations.append(f"attention {entry['name']}: converted with quantizers "
+                                  f"{sorted(entry['quantizers'])}, but MatMul '{c['node']}' has no Q/DQ")
+        elif added and not exporter:
+            violations.append(f"MatMul '{c['node']}' has {'/'.join(added)} Q/DQ but the plan quantizes no attention "
+                              f"matmul there")
+
+    # Protected ops compute in FP32.
+    protected = plan.get("protected", [])
+    ops = Counter(p.get("op") for p in protected)
+
+    def guarded(module: str, op: str) -> bool:
+        for p in protected:
+            if p.get("op") != op:
+                continue
+            name = p.get("name", "")
+            if ":" in name:  # a protected function: applies wherever its pattern appears
+                return True
+            if _within(module, name) or module == name:
+                return True
+        return False
+
+    checks = [("softmax", softmax, "Softmax")]
+    checks += [("layernorm", [n for n in norms if n["kind"] == "layernorm"], "normalization")]
+    checks += [("rmsnorm", [n for n in norms if n["kind"] == "rmsnorm"], "RMSNorm")]
+    checks += [("rope", rope, "rotary")]
+    for op, rows, label in checks:
+        if not ops.get(op):
+            continue
+        for r in rows:
+            if r["dtype"] != "float32" and guarded(r["module"], op):
+                why = f"; Cast '{r['narrowed_by']}' narrows its input" if r.get("narrowed_by") else ""
+                violations.append(f"protected {op} '{r['node']}' ({r['module']}) computes in {r['dtype']}, not float32{why}")
+    return violations, attention_rows, absent
+
+
+def _operand_dq_is(index: GraphIndex, node_name: str, dq_name: str) -> bool:
+    node = next((n for n in index.nodes if n.name == node_name), None)
+    if node is None:
+        return False
+    return any(_operand(index, t).get("dq") == dq_name for t in node.input[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def audit(onnx_path: str | os.PathLike | onnx.ModelProto, plan_dict: Mapping[str, Any] | None = None) -> PrecisionAudit:
+    """Audit a graph (a path: external data is not loaded) against an optional plan (plan.json content)."""
+    if isinstance(onnx_path, onnx.ModelProto):
+        model, label = onnx_path, "<model>"
+    else:
+        model, label = onnx.load(os.fspath(onnx_path), load_external_data=False), os.fspath(onnx_path)
+    index = GraphIndex.build(model)
+    compute = _compute_nodes(index)
+    softmax, norms, rope = _softmaxes(index), _norms(index), _ropes(index)
+    exporter_added = _exporter_added_qdq(index)
+
+    by_format: dict[str, Counter] = {}
+    for c in compute:
+        fmt = c["weights"] or c["activations"] or next((f for f in c["operands"] if f), None) or "unquantized"
+        by_format.setdefault(fmt, Counter())[c["op"]] += 1
+    narrowing = []
+    for node in index.nodes:
+        if node.op_type == "Cast" and int(attribute(node, "to", 0)) in _NARROW and index.dtype(node.input[0]) == FLOAT:
+            targets = {c.op_type for c in index.consumers.get(node.output[0], [])}
+            protected_ops = targets & {"Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal"}
+            if protected_ops:
+                narrowing.append({"node": node.name, "to": dtype_name(int(attribute(node, "to"))),
+                                  "feeds": sorted(protected_ops)})
+
+    violations: list[str] = []
+    absent: list[str] = []
+    attention_rows = [{"node": c["node"], "module": c["module"], "operands": c["operands"], "dtype": c["dtype"],
+                       "attention": None, "quantized": any(c["operands"]),
+                       "exporter_added_qdq": False} for c in compute if c["kind"] == "activation-activation"]
+    if plan_dict is not None:
+        violations, attention_rows, absent = _check_plan(plan_dict, compute, softmax, norms, rope, exporter_added, index)
+    exporter_notes = sorted({f"FP8 Q/DQ (scale 1/448) after Softmax '{s}' added by ModelOpt's FP8 exporter"
+                             for s in exporter_added.values()})
+    counts = {
+        "compute_by_format": {fmt: dict(ops) for fmt, ops in sorted(by_format.items())},
+        "compute_nodes": len(compute),
+        "qdq": {"QuantizeLinear": sum(1 for n in index.nodes if n.op_type in Q_OPS),
+                "DequantizeLinear": sum(1 for n in index.nodes if n.op_type in DQ_OPS),
+                "TRT_FP4DynamicQuantize": sum(1 for n in index.nodes if n.op_type in FP4_DYNAMIC_OPS)},
+        "softmax": dict(Counter(r["dtype"] for r in softmax)),
+        "norms": dict(Counter(f"{r['kind']}:{r['dtype']}" for r in norms)),
+        "rope": dict(Counter(r["dtype"] for r in rope if not r.get("table"))),
+        "attention_matmuls": {"with_qdq": sum(1 for r in attention_rows if r["quantized"]),
+                              "without_qdq": sum(1 for r in attention_rows if not r["quantized"])},
+        "casts": sum(1 for n in index.nodes if n.op_type == "Cast"),
+    }
+    return PrecisionAudit(path=label, counts=counts, compute=compute, softmax=softmax, norms=norms, rope=rope,
+                          attention=attention_rows, narrowing_casts=narrowing, exporter_added=exporter_notes,
+                          violations=violations, checked_against_plan=plan_dict is not None,
+                          planned_but_absent=absent)
+
+
+def write_audit(result: PrecisionAudit, path: str | os.PathLike) -> Path:
+    from quantkit.outdir import atomic_write_json
+
+    return atomic_write_json(path, result.to_dict())
+
+
+def print_audit(result: PrecisionAudit) -> None:
+    from quantkit import console
+
+    rows = [(fmt, ", ".join(f"{op} {n}" for op, n in ops.items())) for fmt, ops in result.counts["compute_by_format"].items()]
+    att = result.counts["attention_matmuls"]
+    rows.append(("attention matmuls", f"{att['with_qdq']} with Q/DQ, {att['without_qdq']} without"))
+    rows.append(("softmax", ", ".join(f"{k} {v}" for k, v in result.counts["softmax"].items()) or "none"))
+    rows.append(("norms", ", ".join(f"{k} {v}" for k, v in result.counts["norms"].items()) or "none"))
+    rows.append(("rope", ", ".join(f"{k} {v}" for k, v in result.counts["rope"].items()) or "none"))
+    console.show(console.rows_table(f"precision audit of {result.path}", ("what", "nodes"), rows))
+    for note in result.exporter_added:
+        console.info(note)
+    if result.planned_but_absent:
+        console.info(f"not in the graph (no output depends on them): {', '.join(result.planned_but_absent)}")
+    if result.violations:
+        console.warn(f"{len(result.violations)} violation(s):")
+        for v in result.violations:
+            console.warn(f"  {v}")
+    else:
+        console.info("audit passed" + (" (checked against the plan)" if result.checked_against_plan else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: quantkit audit OUT/model.onnx [--plan OUT/plan.json]
+
+
+def add_audit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("onnx", help="the graph to audit (e.g. OUT/model.onnx)")
+    p.add_argument("--plan", default=None, help="plan.json to check against (default: plan.json beside the graph, "
+                   "if there is one)")
+    p.add_argument("--no-plan", action="store_true", help="report only; do not check against a plan")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
+    p.add_argument("--out", default=None, help="where to write audit.json (default: beside the graph)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no info lines")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from quantkit.errors import InputError
+
+    path = Path(args.onnx)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file")
+    plan_path = Path(args.plan) if args.plan else path.parent / "plan.json"
+    plan = None
+    if not args.no_plan and plan_path.is_file():
+        try:
+            plan = json.loads(plan_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{plan_path}: not valid JSON ({e})") from None
+    elif args.plan and not args.no_plan:
+        raise InputError(f"{plan_path}: no such plan file")
+    result = audit(path, plan)
+    write_audit(result, Path(args.out) if args.out else path.parent / "audit.json")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_audit(result)
+    return 0 if result else 1
+
+
+def register_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="read an exported graph's precisions (Q/DQ, softmax, norms, RoPE) and check "
+                       "them against the plan; exit 1 on a violation")
+    add_audit_arguments(p)
+    p.set_defaults(func=run_audit)
+
+
+add_arguments = add_audit_arguments
+run = run_audit

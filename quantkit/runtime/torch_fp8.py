@@ -1,0 +1,341 @@
+"""Real FP8 execution in PyTorch: ModelOpt's FP8 fake-quant linears become FP8 GEMMs (torch._scaled_mm).
+
+`convert_to_fp8(model)` replaces each per-tensor FP8 QuantLinear (weights and inputs E4M3, calibrated
+static amax) by an `FP8Linear` that holds the weight once in float8_e4m3fn and quantizes its input with
+the calibrated scale; `TorchFP8Runner` runs such a model behind the Runner interface, compiled by
+default so that the input scaling fuses into the ops before it (in eager mode it costs more than the
+FP8 GEMM saves). The runtime for Hopper/Ada GPUs where TensorRT is absent; ModelOpt is imported lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from quantkit.errors import InputError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn; ModelOpt's maxbound for num_bits (4, 3)
+_AMAX_EPS = 1.0 / (1 << 24)  # ModelOpt treats amax below this as 0 and uses scale 1 (tensor_quant._fp8_eager)
+_GEMM_ALIGN = 16  # torch._scaled_mm: K and N must be multiples of 16 (ScaledBlas.cpp)
+_SCALED_MM_OUT = (torch.bfloat16, torch.float16)  # output dtypes _scaled_mm can add a bias in
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (SM89) and Hopper (SM90) and later have FP8 tensor cores
+
+
+def _probe_cpu_scaled_mm() -> bool:
+    try:
+        a = torch.zeros(16, 16, dtype=FP8_DTYPE)
+        one = torch.ones((), dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return False
+
+
+# Decided once at import, outside any compiled region: whether this torch build has a CPU _scaled_mm.
+CPU_SCALED_MM = _probe_cpu_scaled_mm()
+
+
+def quantize_e4m3(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """x * (448 / amax) saturated to ±448, then cast: the same arithmetic as ModelOpt's FP8 fake quant.
+
+    The clamp comes first because a cast of a value beyond ±448 to float8_e4m3fn is not saturating
+    on every backend (NaN on CUDA); NaN inputs stay NaN."""
+    return (x.float() * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _safe_amax(amax: torch.Tensor) -> torch.Tensor:
+    amax = amax.detach().float().reshape(())
+    return torch.where(amax <= _AMAX_EPS, torch.ones_like(amax), amax)
+
+
+def fp8_matmul_reference(x_fp8: torch.Tensor, w_fp8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What torch._scaled_mm computes, written out: (x_fp8·scale_a) @ (w_fp8·scale_b)ᵀ + bias in FP32."""
+    out = (x_fp8.float() * scale_a) @ (w_fp8.float() * scale_b).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+class FP8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored once in float8_e4m3fn and x quantized to FP8 with a static scale.
+
+    weight: (out, in) float8_e4m3fn, row-major, so `weight.t()` is the column-major operand that
+    torch._scaled_mm needs on Hopper; weight_scale = amax_w / 448 and input_scale = amax_x / 448
+    (FP32 scalars, from ModelOpt's calibration). Outputs come back in the input's dtype. Moving the
+    module (`.to(device)`) works; casts (`.to(dtype)`, `.half()`) leave its tensors' dtypes alone.
+    """
+
+    def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, use_fast_accum: bool = True,
+                 input_inv_scale: torch.Tensor | None = None):
+        super().__init__()
+        if weight_fp8.dtype != FP8_DTYPE or weight_fp8.dim() != 2:
+            raise ValueError(f"FP8Linear needs a 2-D {FP8_DTYPE} weight, got {weight_fp8.dtype} {tuple(weight_fp8.shape)}")
+        self.out_features, self.in_features = weight_fp8.shape
+        self.register_buffer("weight", weight_fp8.contiguous())
+        self.register_buffer("weight_scale", weight_scale.detach().float().reshape(()).clone())
+        self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
+        inv = 1.0 / self.input_scale if input_inv_scale is None else input_inv_scale.detach().float().reshape(())
+        self.register_buffer("input_inv_scale", inv.clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # Fast accumulation (the FP8 tensor cores' own accumulator, as torchao's inference default):
+        # faster, and within the FP8 quantization error at the K of transformer layers.
+        self.use_fast_accum = use_fast_accum
+
+    @classmethod
+    def from_amax(cls, weight: torch.Tensor, weight_amax: torch.Tensor, input_amax: torch.Tensor,
+                  bias: torch.Tensor | None = None, use_fast_accum: bool = True) -> "FP8Linear":
+        """Quantize a (out, in) weight with its calibrated amax, exactly as ModelOpt's FP8 fake quant does."""
+        w_amax, x_amax = _safe_amax(weight_amax), _safe_amax(input_amax)
+        weight_fp8 = quantize_e4m3(weight.detach(), (FP8_MAX / w_amax).to(weight.device))
+        # 448 / amax, not 1 / (amax / 448): the multiplier ModelOpt's fake quant uses, to the last bit.
+        return cls(weight_fp8, w_amax / FP8_MAX, x_amax / FP8_MAX, bias, use_fast_accum,
+                   input_inv_scale=FP8_MAX / x_amax)
+
+    def _apply(self, fn, recurse=True):
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        lead = x.shape[:-1]
+        x_fp8 = quantize_e4m3(x.reshape(-1, self.in_features), self.input_inv_scale)
+        bias = self.bias
+        if x.is_cuda or CPU_SCALED_MM:
+            fused_bias = bias is not None and out_dtype in _SCALED_MM_OUT
+            out = torch._scaled_mm(x_fp8, self.weight.t(), self.input_scale, self.weight_scale,
+                                   bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
+                                   use_fast_accum=self.use_fast_accum and x.is_cuda)
+            if bias is not None and not fused_bias:
+                out = out + bias.to(out_dtype)
+        else:
+            out = fp8_matmul_reference(x_fp8, self.weight, self.input_scale, self.weight_scale, bias, out_dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight_scale={self.weight_scale.item():.3e}, input_scale={self.input_scale.item():.3e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion of a ModelOpt-quantized model
+
+
+def _fp8_per_tensor_reason(q: Any, role: str) -> str | None:
+    """Why this TensorQuantizer is not a static per-tensor E4M3 quantizer (None when it is)."""
+    if q is None:
+        return f"no {role} quantizer"
+    if not getattr(q, "is_enabled", False):
+        return f"{role} quantizer disabled"
+    if getattr(q, "num_bits", None) != (4, 3):
+        return f"{role} quantizer is num_bits {getattr(q, 'num_bits', None)}, not FP8 E4M3 (4, 3)"
+    if getattr(q, "block_sizes", None):
+        return f"{role} quantizer is block-quantized"
+    if getattr(q, "pre_quant_scale", None) is not None:
+        return f"{role} quantizer has a pre_quant_scale (SmoothQuant/AWQ)"
+    if getattr(q, "bias", None) is not None:
+        return f"{role} quantizer is affine (has a bias)"
+    if getattr(q, "rotate_is_enabled", False):
+        return f"{role} quantizer rotates its input"
+    if getattr(q, "_use_constant_amax", False):
+        return None
+    amax = getattr(q, "amax", None)
+    if amax is None:
+        return f"{role} quantizer has no calibrated amax"
+    if amax.numel() != 1:
+        return f"{role} quantizer is per-channel ({amax.numel()} scales); the FP8 GEMM here is per-tensor"
+    if not torch.isfinite(amax).all():
+        return f"{role} quantizer amax is not finite"
+    return None
+
+
+def _amax(q: Any) -> torch.Tensor:
+    if getattr(q, "_use_constant_amax", False):
+        return torch.tensor(FP8_MAX)
+    return q.amax
+
+
+def fp8_conversion_reason(module: nn.Module) -> str | None:
+    """Why `module` cannot become an FP8Linear (None when it can)."""
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not a Linear layer"
+    if getattr(module, "weight_quantizer", None) is None and getattr(module, "input_quantizer", None) is None:
+        return "not quantized (no ModelOpt quantizers)"
+    for role in ("weight", "input"):
+        reason = _fp8_per_tensor_reason(getattr(module, f"{role}_quantizer", None), role)
+        if reason:
+            return reason
+    out_q = getattr(module, "output_quantizer", None)
+    if out_q is not None and getattr(out_q, "is_enabled", False):
+        return "output quantizer enabled"
+    if module.in_features % _GEMM_ALIGN or module.out_features % _GEMM_ALIGN:
+        return (f"shape {module.out_features}x{module.in_features}: torch._scaled_mm needs in and out features "
+                f"divisible by {_GEMM_ALIGN}")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks that an FP8Linear would drop"
+    return None
+
+
+def fp8_conversion_plan(model: nn.Module) -> list[tuple[str, str | None]]:
+    """(name, reason it stays as it is, or None if it converts) for every ModelOpt-quantized Linear."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and hasattr(module, "weight_quantizer"):
+            rows.append((name, fp8_conversion_reason(module)))
+    return rows
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+@torch.no_grad()
+def convert_to_fp8(model: nn.Module, use_fast_accum: bool = True) -> int:
+    """Replace every static per-tensor FP8 QuantLinear of `model` by an FP8Linear, in place.
+
+    Returns how many were replaced. Linears quantized otherwise (INT8, NVFP4, per-channel,
+    SmoothQuant) or not at all are left as they are: `fp8_conversion_plan` says why for each."""
+    count = 0
+    for name, reason in fp8_conversion_plan(model):
+        if reason is not None or not name:
+            continue
+        module = model.get_submodule(name)
+        new = FP8Linear.from_amax(module.weight, _amax(module.weight_quantizer), _amax(module.input_quantizer),
+                                  module.bias, use_fast_accum=use_fast_accum)
+        _set_submodule(model, name, new.to(module.weight.device))
+        count += 1
+    return count
+
+
+def fp8_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the model's parameters and buffers take now: FP8Linears and everything else."""
+    fp8 = sum(m.weight_bytes() for m in model.modules() if isinstance(m, FP8Linear))
+    inside = {id(t) for m in model.modules() if isinstance(m, FP8Linear) for t in m.buffers()}
+    rest = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if id(t) not in inside)
+    return {"fp8_linear_bytes": fp8, "other_bytes": rest, "total_bytes": fp8 + rest}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation, shared by the runner and by BF16 baselines so that both are compiled the same way
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the largest ModuleList whose entries all share one class (transformer layers)."""
+    best: list[nn.Module] = []
+    best_params = 0
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        blocks = list(module)
+        if len({type(b) for b in blocks}) != 1:
+            continue
+        params = sum(p.numel() for b in blocks for p in b.parameters()) + sum(
+            b.numel() for blk in blocks for b in blk.buffers())
+        if params > best_params:
+            best, best_params = blocks, params
+    return best
+
+
+def compile_model(model: nn.Module, regional: bool = True, **compile_kwargs: Any) -> nn.Module:
+    """torch.compile the model: each repeated block in place (one graph reused for all layers, fast to
+    compile) when `regional` and the model has them, else the whole model. Returns what to call.
+
+    A transformers model's KV cache is switched off (config.use_cache): runners run single forwards,
+    and a cache whose per-layer state the graphs guard on would recompile every layer."""
+    compile_kwargs.setdefault("dynamic", False)
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
+    blocks = repeated_blocks(model) if regional else []
+    if blocks:
+        for block in blocks:
+            block.compile(**compile_kwargs)
+        return model
+    return torch.compile(model, **compile_kwargs)
+
+
+def _majority_float_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner
+
+
+class TorchFP8Runner:
+    """A ModelOpt FP8-quantized model run with real FP8 GEMMs in PyTorch: named inputs -> named CPU outputs.
+
+    `loaded.model` is converted in place (see convert_to_fp8) and moved to `device` (default: the GPU).
+    With compile (default) the repeated blocks are torch.compile'd, which fuses each layer's input
+    quantization into the op before it. Attention matmuls that the recipe quantized stay ModelOpt
+    fake-quant (correct numerics, no speed-up); recipes meant for this runtime leave attention to the
+    SDPA kernel. Floating inputs are cast to the model's dtype.
+    """
+
+    name = "torch-fp8"
+
+    def __init__(self, loaded, compile: bool = True, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, use_fast_accum: bool = True, regional: bool = True):
+        self.loaded = loaded
+        model = loaded.model
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            cap = torch.cuda.get_device_capability(self.device)
+            if cap < FP8_MIN_CAPABILITY:
+                raise InputError(f"--runtime torch-fp8: {torch.cuda.get_device_name(self.device)} (SM {cap[0]}{cap[1]}) "
+                                 "has no FP8 tensor cores (needs SM 89+: Ada, Hopper, Blackwell); use --runtime torch")
+        self.dtype = dtype or _majority_float_dtype(model.parameters())
+        model.to(self.device)
+        model.eval()
+        self.converted = convert_to_fp8(model, use_fast_accum=use_fast_accum)
+        if self.converted == 0:
+            reasons = sorted({r for _, r in fp8_conversion_plan(model) if r})
+            raise InputError("--runtime torch-fp8: the model has no static per-tensor FP8 linear layers to run in FP8 "
+                             f"({'; '.join(reasons[:3]) or 'no ModelOpt-quantized Linear layers'}); quantize it with an "
+                             "FP8 recipe (e.g. --recipe fp8) first")
+        self.skipped = [(n, r) for n, r in fp8_conversion_plan(model) if r]
+        self.model: nn.Module = model
+        self.compiled = False
+        if compile:
+            self.compile(regional=regional)
+
+    def compile(self, regional: bool = True, **compile_kwargs: Any) -> None:
+        """torch.compile the converted model (see compile_model); the first run of each shape compiles."""
+        if not self.compiled:
+            self.model = compile_model(self.model, regional=regional, **compile_kwargs)
+            self.compiled = True
+
+    def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in inputs.items():
+            if isinstance(t, torch.Tensor):
+                t = t.to(self.device, dtype=self.dtype if t.is_floating_point() else None, non_blocking=True)
+            out[name] = t
+        return out
+
+    @torch.inference_mode()
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch, outputs left on the device (for timing)."""
+        return self.loaded.named_outputs(self.model(**self._prepare(inputs)))
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.forward(inputs).items()}

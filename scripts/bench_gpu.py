@@ -1,0 +1,727 @@
+#!/usr/bin/env python3
+"""GPU benchmark: how fast quantkit quantizes, and what FP8 gains when it really runs in FP8.
+
+    python scripts/bench_gpu.py                      # full run (H100: about 8 minutes), JSON + tables
+    python scripts/bench_gpu.py --smoke              # tiny models, same code paths, a minute or two
+    python scripts/bench_gpu.py --json PATH --budget-s 540 --skip decoder-onnx
+
+Models, random weights in BF16 (nothing is downloaded):
+  decoder  Llama architecture at Gemma-2B dimensions: 18 layers, d 2048, FFN 16384, 8 heads x 256, one KV
+           head, vocab 32000, untied head: 2.1B parameters. Weights N(0, 0.02) as transformers initializes
+           them, except embeddings N(0, 1) (the scale Gemma's sqrt(d) embedding normalizer gives) and the
+           residual output projections (o_proj, down_proj) scaled by 1/sqrt(2 x layers) (GPT-2/Megatron):
+           with plain N(0, 0.02) everywhere an 18-layer random decoder amplifies any perturbation (FP8 or
+           not) and its outputs say nothing about quantization.
+  vision   SigLIP-so400m/14 vision tower at 224 px: 27 layers, d 1152, FFN 4304, 256 patches (400M).
+Per model and recipe (fp8, balanced, int8-smoothquant): calibration throughput on 512 samples, PTQ
+time (FP32 reference, calibrate+quantize, evaluation on the held-out split), ONNX export time and size,
+weight bytes before/after, peak GPU memory per stage. For the decoder: the FP8 linears run for real
+(quantkit.runtime.torch_fp8: torch._scaled_mm) against BF16, both eager and both torch.compile'd the
+same way, at 1x2048 and 8x2048 tokens (median of CUDA-event timings after warm-up, interleaved), with
+the cosine of the outputs; plus the FP8/BF16 GEMM ratio at the model's own shapes and a kernel-time
+breakdown, which say what keeps the model from the GEMM-only speed-up.
+
+Stages run in priority order within --budget-s; a stage that would not fit is recorded as skipped.
+ModelOpt's CUDA extensions are not JIT-built by default (--modelopt-ext skip: about 60 s each on a
+fresh machine); FP8 and INT8 fake quant then use ModelOpt's PyTorch paths, NVFP4 its Triton kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+RECIPES = ("fp8", "balanced", "int8-smoothquant")
+CALIB_SAMPLES = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes
+
+
+def sizes(smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return dict(
+            decoder=dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=128),
+            vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=56, patch_size=14),
+            calib_seq=32, calib_samples=64, batch_size=8, shapes=[(1, 256), (2, 256)], iters=10, rounds=2,
+            gemm_tokens=[256])
+    return dict(
+        decoder=dict(vocab_size=32000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                     num_attention_heads=8, num_key_value_heads=1, head_dim=256),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=224, patch_size=14),
+        calib_seq=256, calib_samples=CALIB_SAMPLES, batch_size=8, shapes=[(1, 2048), (8, 2048)], iters=10, rounds=3,
+        gemm_tokens=[2048, 16384])
+
+
+# ---------------------------------------------------------------------------------------------
+# models and calibration sets
+
+
+def build_decoder(cfg: dict[str, Any], device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkit.models import LoadedModel
+
+    config = LlamaConfig(**cfg, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         initializer_range=0.02, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        scale = 1.0 / math.sqrt(2 * config.num_hidden_layers)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+    model.to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(1))
+    # attention_mask as the tokenizer gives it: without one, transformers derives packed-sequence
+    # boundaries from the positions with aten::diff, which has no ONNX export.
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return LoadedModel(spec="bench:decoder", model=model, input_names=["input_ids", "attention_mask"],
+                       output_names=["logits"], example_inputs=example, family="llama")
+
+
+def build_vision(cfg: dict[str, Any], device: str):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from quantkit.models import LoadedModel
+
+    config = SiglipVisionConfig(**cfg, vision_use_head=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SiglipVisionModel(config)
+    model.to(torch.bfloat16).eval()
+    size = cfg["image_size"]
+    example = {"pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))}
+    return LoadedModel(spec="bench:vision", model=model, input_names=["pixel_values"],
+                       output_names=["last_hidden_state"], example_inputs=example, family="siglip")
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def calibration_set(kind: str, s: dict[str, Any]):
+    """Random inputs: CALIB_SAMPLES for calibration plus the 10% held-out split the recipes keep."""
+    from quantkit.calib import CalibrationSet
+
+    n = round(s["calib_samples"] / 0.9)
+    g = torch.Generator().manual_seed(0)
+    if kind == "decoder":
+        vocab = s["decoder"]["vocab_size"]
+        samples = [{"input_ids": torch.randint(0, vocab, (1, s["calib_seq"]), generator=g),
+                    "attention_mask": torch.ones(1, s["calib_seq"], dtype=torch.long)} for _ in range(n)]
+        what = f"random token ids, {s['calib_seq']} tokens"
+    else:
+        size = s["vision"]["image_size"]
+        samples = [{"pixel_values": torch.randn(1, 3, size, size, generator=g)} for _ in range(n)]
+        what = f"N(0,1) images {size}x{size}"
+    meta = {"source": {"kind": "synthetic", "description": f"bench_gpu: {what}"}, "synthetic": True}
+    return CalibrationSet.from_samples(samples, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.start = time.perf_counter()
+        self.seconds = seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gib(n: int | float) -> float:
+    return round(n / 2**30, 3)
+
+
+@contextlib.contextmanager
+def stage_memory(record: dict[str, Any], key: str):
+    """Peak GPU memory allocated by torch while the block runs, in GiB, into record[key]."""
+    if torch.cuda.is_available():
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            sync()
+            record[key] = gib(torch.cuda.max_memory_allocated())
+
+
+def cleanup() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class CalibrationTimer:
+    """Times every forward loop mtq.quantize runs (SmoothQuant runs more than one)."""
+
+    def __init__(self):
+        self.passes: list[dict[str, float]] = []
+
+    @contextlib.contextmanager
+    def installed(self):
+        from quantkit.calib import CalibrationSet
+
+        original = CalibrationSet.forward_loop
+        timer = self
+
+        def forward_loop(cs, *args, **kwargs):
+            loop = original(cs, *args, **kwargs)
+
+            def timed(model):
+                sync()
+                t0 = time.perf_counter()
+                loop(model)
+                sync()
+                timer.passes.append({"samples": len(cs), "seconds": round(time.perf_counter() - t0, 3)})
+
+            return timed
+
+        CalibrationSet.forward_loop = forward_loop
+        try:
+            yield self
+        finally:
+            CalibrationSet.forward_loop = original
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """Cosine of two same-shaped tensors in float64, in chunks (logits of 8x2048x32000 are 0.5G values)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    dot = na = nb = 0.0
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        dot += float((x * y).sum())
+        na += float((x * x).sum())
+        nb += float((y * y).sum())
+    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else float("nan")
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, rounds: int, warmup: int = 3) -> dict[str, Any]:
+    """Median (and p10/p90) ms per call of each fn, measured with CUDA events, rounds interleaved."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(iters):
+                if torch.cuda.is_available():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        out[name] = {"median_ms": round(statistics.median(ts), 3), "p10_ms": round(ts[len(ts) // 10], 3),
+                     "p90_ms": round(ts[(len(ts) * 9) // 10 - 1], 3), "runs": len(ts)}
+    return out
+
+
+def skip_modelopt_jit() -> None:
+    """Make ModelOpt use its PyTorch FP8/INT8 fake quant instead of JIT-building CUDA extensions."""
+    from modelopt.torch.quantization import extensions
+
+    extensions.get_cuda_ext.extension = None
+    extensions.get_cuda_ext_fp8.extension = None
+
+
+# ---------------------------------------------------------------------------------------------
+# PTQ per recipe (+ ONNX export)
+
+
+def ptq_stage(kind: str, build: Callable[[], Any], calibration, recipe_name: str, s: dict[str, Any], device: str,
+              export_dir: Path | None) -> dict[str, Any]:
+    from quantkit import ptq
+    from quantkit.recipe import load_recipe
+
+    row: dict[str, Any] = {"model": kind, "recipe": recipe_name}
+    t0 = time.perf_counter()
+    loaded = build()
+    sync()
+    row["build_s"] = round(time.perf_counter() - t0, 2)
+    row["params"] = params(loaded.model)
+    recipe = load_recipe(recipe_name)
+    timer = CalibrationTimer()
+    with stage_memory(row, "peak_gpu_gib_ptq"), timer.installed():
+        t0 = time.perf_counter()
+        result = ptq.quantize(loaded, recipe, calibration, dtype="bf16", device=device, batch_size=s["batch_size"],
+                              per_layer=False)
+        sync()
+        row["ptq_total_s"] = round(time.perf_counter() - t0, 2)
+    rep = result.report
+    row["timings"] = {k: round(v, 2) for k, v in rep["timings"].items()}
+    row["calibrate_quantize_s"] = row["timings"].get("quantize_s")
+    row["calibration_passes"] = timer.passes
+    if timer.passes:
+        first = timer.passes[0]
+        row["calib_samples"] = first["samples"]
+        row["calib_samples_per_s"] = round(first["samples"] / first["seconds"], 1) if first["seconds"] else None
+    cov = rep["coverage"]
+    row["weight_bytes_before"] = cov["weight_bytes_before"]
+    row["weight_bytes_after"] = cov["weight_bytes_after"]
+    row["by_precision"] = {k: {"layers": v["layers"], "params": v["params"]} for k, v in cov["by_precision"].items()}
+    out_name = loaded.output_names[0]
+    m = rep["metrics"]["fake-quant"][out_name]
+    row["fake_quant_vs_fp32"] = {k: m.get(k) for k in ("cosine", "snr_db", "rel_l2", "finite")}
+    row["passed"] = rep["passed"]
+    row["quantizers"] = rep["quantizers"]
+    row["warnings"] = len(rep["warnings"])
+    del result
+    if export_dir is not None:
+        row["onnx"] = export_stage(loaded, recipe, export_dir / f"{kind}-{recipe_name}")
+    del loaded
+    cleanup()
+    return row
+
+
+def export_stage(loaded, recipe, out_dir: Path) -> dict[str, Any]:
+    import shutil
+
+    from quantkit.export.onnx_export import default_dynamic_axes, default_opset, export_model
+    from quantkit.plan import make_plan
+
+    info: dict[str, Any] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(loaded.model.parameters()).device
+    example = {k: v.to(device) for k, v in loaded.example_inputs.items()}
+    plan = make_plan(loaded.model, recipe, model_dtype="bf16")
+    opset = default_opset(plan.to_dict()["layers"], str(recipe.attention.precision))
+    axes = default_dynamic_axes(loaded.input_names, loaded.output_names, example,
+                                sequence_model="input_ids" in loaded.input_names)
+    path = out_dir / "model.onnx"
+    try:
+        with stage_memory(info, "peak_gpu_gib"):
+            t0 = time.perf_counter()
+            _, surgery, external = export_model(
+                loaded.model, example, path, input_names=loaded.input_names, output_names=loaded.output_names,
+                read_outputs=loaded.named_outputs, model_dtype="bf16", io_dtype=recipe.export.io_dtype,
+                weights_dtype=recipe.export.weights_dtype, opset=opset, dynamic_axes=axes)
+            info["export_s"] = round(time.perf_counter() - t0, 2)
+        files = [p for p in out_dir.iterdir() if p.is_file()]
+        info.update(opset=opset, external_data=external, size_bytes=sum(p.stat().st_size for p in files),
+                    files={p.name: p.stat().st_size for p in files})
+    except Exception as e:  # recorded, the benchmark goes on
+        info["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 runtime against BF16
+
+
+def runtime_recipe():
+    """The fp8 recipe for this runtime: FP8 linears; attention and its softmax left to the SDPA kernel,
+    which runs them in BF16 with FP32 softmax statistics (PyTorch has no FP8 attention kernel)."""
+    from quantkit.recipe import AttentionSpec, ProtectSpec, load_recipe
+
+    base = load_recipe("fp8")
+    return base.model_copy(update={"name": "fp8-linears", "attention": AttentionSpec(precision="skip"),
+                                   "protect": ProtectSpec(softmax=False)})
+
+
+def gemm_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    d, ffn, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    return {"q_proj": (d, q), "k_proj/v_proj": (d, kv), "o_proj": (q, d), "gate/up_proj": (d, ffn),
+            "down_proj": (ffn, d)}
+
+
+def gemm_bench(cfg: dict[str, Any], tokens: list[int], iters: int) -> list[dict[str, Any]]:
+    """BF16 mm against FP8 torch._scaled_mm (per-tensor scales, fast accumulation) at the model's shapes."""
+    rows = []
+    one = torch.ones((), device="cuda")
+    for m in tokens:
+        for name, (k, n) in gemm_shapes(cfg).items():
+            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            t = time_interleaved({
+                "bf16": lambda: torch.mm(a, w.t()),
+                "fp8": lambda: torch._scaled_mm(a8, w8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
+            }, iters=iters * 2, rounds=2)
+            flops = 2 * m * k * n
+            rows.append({"m": m, "k": k, "n": n, "layer": name, "bf16_ms": t["bf16"]["median_ms"],
+                         "fp8_ms": t["fp8"]["median_ms"], "ratio": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3),
+                         "bf16_tflops": round(flops / t["bf16"]["median_ms"] / 1e9, 1),
+                         "fp8_tflops": round(flops / t["fp8"]["median_ms"] / 1e9, 1)})
+            del a, w, a8, w8
+    return rows
+
+
+def kernel_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
+    """GPU kernel time of one call by kind (ms): gemm, attention, fused elementwise (triton), other."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    totals = {"gemm": 0.0, "attention": 0.0, "triton_fused": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        name = ev.key.lower()
+        if not us or name.startswith(("cudaevent", "memcpy", "memset")) or "profiler" in name:
+            continue
+        if "flash" in name or "fmha" in name or "attention" in name:
+            kind = "attention"
+        elif name.startswith("triton"):
+            kind = "triton_fused"
+        elif any(t in name for t in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "scaled_mm")):
+            kind = "gemm"
+        else:
+            kind = "other"
+        totals[kind] += us / 1e3
+    return {k: round(v, 3) for k, v in totals.items()}
+
+
+def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -> dict[str, Any]:
+    from quantkit import ptq
+    from quantkit.runtime.torch_fp8 import TorchFP8Runner, compile_model, fp8_weight_bytes
+
+    out: dict[str, Any] = {"recipe": "fp8 linears (attention and softmax in the SDPA kernel, BF16)",
+                           "shapes": [list(x) for x in s["shapes"]]}
+    cfg = s["decoder"]
+    base = build_decoder(cfg, device)
+    quant = build_decoder(cfg, device)
+    out["params"] = params(base.model)
+    out["bf16_weight_bytes"] = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    recipe = runtime_recipe()
+    calib_part, _ = ptq.split_calibration(calibration, recipe)
+    with stage_memory(out, "peak_gpu_gib_quantize"):
+        t0 = time.perf_counter()
+        ptq.quantize_model(quant, recipe, calib_part, dtype="bf16", device=torch.device(device),
+                           batch_size=s["batch_size"])
+        sync()
+        out["calibrate_quantize_s"] = round(time.perf_counter() - t0, 2)
+
+    g = torch.Generator().manual_seed(7)
+    inputs = {shape: {"input_ids": torch.randint(0, cfg["vocab_size"], shape, generator=g).to(device)}
+              for shape in s["shapes"]}
+    first = s["shapes"][0]
+    with torch.inference_mode():
+        fake_quant_first = quant.model(**inputs[first]).logits.float()
+
+    runner = TorchFP8Runner(quant, compile=False, device=device, dtype=torch.bfloat16)
+    out["fp8_linears"] = runner.converted
+    out["not_converted"] = [f"{n}: {r}" for n, r in runner.skipped]
+    out["fp8_model_bytes"] = fp8_weight_bytes(runner.model)
+
+    def bf16_call(x, **kw):
+        with torch.inference_mode():
+            return base.model(**x, **kw).logits
+
+    def fp8_call(x, **kw):
+        with torch.inference_mode():
+            return runner.model(**x, **kw).logits
+
+    results: list[dict[str, Any]] = []
+    with stage_memory(out, "peak_gpu_gib_runtime"):
+        # eager, both sides
+        for shape in s["shapes"]:
+            x = inputs[shape]
+            t = time_interleaved({"bf16": lambda: bf16_call(x), "fp8": lambda: fp8_call(x)},
+                                 iters=max(3, s["iters"] // 2), rounds=1)
+            results.append({"mode": "eager", "shape": list(shape), "tokens": shape[0] * shape[1],
+                            "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
+                            "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3)})
+        with torch.inference_mode():
+            fp8_first = fp8_call(inputs[first]).float()
+        out["fp8_eager_vs_fake_quant_cosine"] = round(cosine(fp8_first, fake_quant_first), 6)
+        del fake_quant_first, fp8_first
+        # compiled the same way: each decoder layer torch.compile'd (static shapes), the rest eager
+        compile_model(base.model)
+        runner.compile()
+        for shape in s["shapes"]:
+            if budget.left() < 60:
+                results.append({"mode": "compiled", "shape": list(shape), "skipped": "budget"})
+                continue
+            x = inputs[shape]
+            for name, fn in (("bf16", bf16_call), ("fp8", fp8_call)):
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                out.setdefault("compile_s", {})[f"{name} {shape[0]}x{shape[1]}"] = round(time.perf_counter() - t0, 1)
+            t = time_interleaved({"bf16": lambda: bf16_call(x), "fp8": lambda: fp8_call(x)},
+                                 iters=s["iters"], rounds=s["rounds"])
+            a, b = bf16_call(x), fp8_call(x)
+            row = {"mode": "compiled", "shape": list(shape), "tokens": shape[0] * shape[1],
+                   "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
+                   "bf16_p10_p90": [t["bf16"]["p10_ms"], t["bf16"]["p90_ms"]],
+                   "fp8_p10_p90": [t["fp8"]["p10_ms"], t["fp8"]["p90_ms"]], "runs": t["fp8"]["runs"],
+                   "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3),
+                   "cosine_vs_bf16": round(cosine(b, a), 6), "finite": bool(torch.isfinite(b).all())}
+            del a, b
+            results.append(row)
+        # prefill as generate() runs it: logits of the last position only
+        last = s["shapes"][-1]
+        if budget.left() > 45:
+            x = inputs[last]
+            t = time_interleaved({"bf16": lambda: bf16_call(x, logits_to_keep=1),
+                                  "fp8": lambda: fp8_call(x, logits_to_keep=1)}, iters=s["iters"], rounds=s["rounds"])
+            a, b = bf16_call(x, logits_to_keep=1), fp8_call(x, logits_to_keep=1)
+            results.append({"mode": "compiled, last-token logits", "shape": list(last), "tokens": last[0] * last[1],
+                            "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
+                            "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3),
+                            "cosine_vs_bf16": round(cosine(b, a), 6), "finite": bool(torch.isfinite(b).all())})
+            del a, b
+        if torch.cuda.is_available() and budget.left() > 40:
+            x = inputs[last]
+            out["kernel_ms_" + "x".join(map(str, last))] = {"bf16": kernel_breakdown(lambda: bf16_call(x)),
+                                                            "fp8": kernel_breakdown(lambda: fp8_call(x))}
+    out["results"] = results
+    del runner, base, quant, inputs
+    cleanup()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def environment(args) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    env: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                           "python": platform.python_version(), "smoke": args.smoke,
+                           "modelopt_cuda_extensions": args.modelopt_ext}
+    for dist in ("torch", "nvidia-modelopt", "transformers", "onnx", "onnxruntime", "triton"):
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
+                   gpu_memory_gib=gib(p.total_memory), sms=p.multi_processor_count, cuda=torch.version.cuda)
+    else:
+        env["device"] = "cpu"
+    return env
+
+
+def mib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=200)
+    env = report["environment"]
+    t = Table(title=f"PTQ on {env.get('device')} · torch {env.get('torch')} · ModelOpt {env.get('nvidia-modelopt')}")
+    for c in ("model", "recipe", "calib samples/s", "calib+quantize s", "PTQ total s", "cos vs FP32",
+              "weights MiB before→after", "ONNX export s", "ONNX MiB", "peak GPU GiB (PTQ/export)"):
+        t.add_column(c, justify="right" if c not in ("model", "recipe") else "left")
+    for r in report["ptq"]:
+        if "error" in r or "skipped" in r:
+            t.add_row(r["model"], r["recipe"], *(["-"] * 7), r.get("error", r.get("skipped", ""))[:60])
+            continue
+        onnx = r.get("onnx") or {}
+        t.add_row(r["model"], r["recipe"], f"{r.get('calib_samples_per_s', '-')}", f"{r['calibrate_quantize_s']}",
+                  f"{r['ptq_total_s']}", f"{r['fake_quant_vs_fp32']['cosine']:.5f}",
+                  f"{mib(r['weight_bytes_before'])}→{mib(r['weight_bytes_after'])}",
+                  str(onnx.get("export_s", onnx.get("error", "-")[:40] if onnx else "-")),
+                  mib(onnx.get("size_bytes")),
+                  f"{r.get('peak_gpu_gib_ptq', '-')}/{onnx.get('peak_gpu_gib', '-')}")
+    dec = report.get("decoder_onnx_fp8")
+    if dec:
+        t.add_row("decoder", "fp8 (export only)", *(["-"] * 5), str(dec.get("export_s", dec.get("error", "-")[:40])),
+                  mib(dec.get("size_bytes")), f"-/{dec.get('peak_gpu_gib', '-')}")
+    con.print(t)
+    gemm = report.get("gemm")
+    if gemm:
+        t = Table(title="GEMM alone at the decoder's shapes: BF16 mm vs FP8 torch._scaled_mm")
+        for c in ("M", "layer", "K", "N", "BF16 ms", "FP8 ms", "speed-up", "BF16 TFLOP/s", "FP8 TFLOP/s"):
+            t.add_column(c, justify="right")
+        for r in gemm:
+            t.add_row(str(r["m"]), r["layer"], str(r["k"]), str(r["n"]), f"{r['bf16_ms']:.3f}", f"{r['fp8_ms']:.3f}",
+                      f"{r['ratio']:.2f}x", str(r["bf16_tflops"]), str(r["fp8_tflops"]))
+        con.print(t)
+    rt = report.get("runtime")
+    if rt and "results" in rt:
+        t = Table(title=f"decoder {rt['params'] / 1e9:.2f}B: FP8 (torch._scaled_mm) vs BF16, same inputs, "
+                        f"median of CUDA-event timings")
+        for c in ("mode", "batch x seq", "BF16 ms", "FP8 ms", "FP8 speed-up", "cosine vs BF16", "finite"):
+            t.add_column(c, justify="right" if c != "mode" else "left")
+        for r in rt["results"]:
+            if "skipped" in r:
+                t.add_row(r["mode"], "x".join(map(str, r["shape"])), "-", "-", "-", "-", r["skipped"])
+                continue
+            t.add_row(r["mode"], "x".join(map(str, r["shape"])), f"{r['bf16_ms']:.2f}", f"{r['fp8_ms']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{r['cosine_vs_bf16']:.5f}" if "cosine_vs_bf16" in r else "-",
+                      str(r.get("finite", "-")))
+        con.print(t)
+        extra = {k: v for k, v in rt.items() if k.startswith("kernel_ms")}
+        for k, v in extra.items():
+            con.print(f"{k}: {json.dumps(v)}")
+        con.print(f"FP8 linears {rt.get('fp8_linears')}; weights {mib(rt.get('bf16_weight_bytes'))} MiB BF16 -> "
+                  f"{mib(rt.get('fp8_model_bytes', {}).get('total_bytes'))} MiB FP8 runtime; "
+                  f"calibrate+quantize {rt.get('calibrate_quantize_s')} s; FP8 eager vs ModelOpt fake quant cosine "
+                  f"{rt.get('fp8_eager_vs_fake_quant_cosine')}; compile s {rt.get('compile_s')}")
+    for e in report.get("errors", []):
+        con.print(f"[red]error[/red] {e['stage']}: {e['error']}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny models: check the code paths in a minute or two")
+    p.add_argument("--json", default=None, help="where to write the JSON (default benchmarks/bench_gpu_<date>.json)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new stages after this many seconds")
+    p.add_argument("--modelopt-ext", choices=("skip", "jit"), default="skip",
+                   help="skip: ModelOpt's PyTorch FP8/INT8 fake quant; jit: build its CUDA extensions first (~60 s each)")
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=("runtime", "gemm", "decoder-ptq", "vision-ptq", "vision-onnx", "decoder-onnx"))
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    args = p.parse_args(argv)
+
+    from quantkit import console
+
+    console.set_quiet(True)
+    budget = Budget(args.budget_s)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = sizes(args.smoke)
+    date = datetime.date.today().isoformat()
+    json_path = Path(args.json) if args.json else Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_gpu_{date}.json"
+    report: dict[str, Any] = {"schema": "quantkit.bench_gpu/1", "environment": environment(args),
+                              "sizes": {k: v for k, v in s.items()}, "ptq": [], "errors": [], "skipped": []}
+
+    def save() -> None:
+        report["elapsed_s"] = round(time.perf_counter() - budget.start, 1)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    def run(stage: str, need_s: float, fn: Callable[[], Any]) -> Any:
+        if stage.split(":")[0] in args.skip:
+            report["skipped"].append({"stage": stage, "why": "--skip"})
+            return None
+        if budget.left() < need_s:
+            report["skipped"].append({"stage": stage, "why": f"budget: {budget.left():.0f} s left, needs ~{need_s:.0f}"})
+            print(f"[bench] skip {stage}: budget", flush=True)
+            return None
+        print(f"[bench] {stage} ({budget.left():.0f} s left)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:
+            report["errors"].append({"stage": stage, "error": f"{type(e).__name__}: {str(e)[:600]}",
+                                     "traceback": traceback.format_exc()[-3000:]})
+            print(f"[bench] {stage} FAILED: {type(e).__name__}: {e}", flush=True)
+            cleanup()
+            return None
+        finally:
+            print(f"[bench] {stage} done in {time.perf_counter() - t0:.1f} s", flush=True)
+            save()
+
+    t0 = time.perf_counter()
+    import modelopt.torch.quantization  # noqa: F401  (import cost reported, not charged to a stage)
+
+    import quantkit.ptq  # noqa: F401
+
+    report["environment"]["import_s"] = round(time.perf_counter() - t0, 1)
+    if args.modelopt_ext == "skip":
+        skip_modelopt_jit()
+    else:
+        from modelopt.torch.quantization import extensions
+
+        t0 = time.perf_counter()
+        extensions.get_cuda_ext()
+        extensions.get_cuda_ext_fp8()
+        report["environment"]["modelopt_jit_s"] = round(time.perf_counter() - t0, 1)
+
+    dec_calib = calibration_set("decoder", s)
+    vis_calib = calibration_set("vision", s)
+    export_root = json_path.parent / ".bench_onnx"
+    cuda = device.startswith("cuda")
+    fp8_gpu = cuda and torch.cuda.get_device_capability() >= (8, 9)
+
+    if fp8_gpu or (args.smoke and not cuda):  # on a CPU only as a check of the code path
+        report["runtime"] = run("runtime", 150, lambda: runtime_stage(s, device, dec_calib, budget))
+    if fp8_gpu:
+        report["gemm"] = run("gemm", 15, lambda: gemm_bench(s["decoder"], s["gemm_tokens"], s["iters"]))
+    for recipe in RECIPES:
+        row = run(f"decoder-ptq:{recipe}", 60, lambda: ptq_stage(
+            "decoder", lambda: build_decoder(s["decoder"], device), dec_calib, recipe, s, device, None))
+        report["ptq"].append(row or {"model": "decoder", "recipe": recipe, "skipped": "budget/--skip/error"})
+    for recipe in RECIPES:
+        do_export = "vision-onnx" not in args.skip
+        row = run(f"vision-ptq:{recipe}", 40, lambda: ptq_stage(
+            "vision", lambda: build_vision(s["vision"], device), vis_calib, recipe, s, device,
+            export_root if do_export else None))
+        report["ptq"].append(row or {"model": "vision", "recipe": recipe, "skipped": "budget/--skip/error"})
+
+    def decoder_onnx():
+        from quantkit import ptq
+        from quantkit.recipe import load_recipe
+
+        loaded = build_decoder(s["decoder"], device)
+        recipe = load_recipe("fp8")
+        calib_part, _ = ptq.split_calibration(dec_calib, recipe)
+        ptq.quantize_model(loaded, recipe, calib_part.subset(range(min(64, len(calib_part)))), dtype="bf16",
+                           device=torch.device(device), batch_size=s["batch_size"])
+        info = export_stage(loaded, recipe, export_root / "decoder-fp8")
+        info["note"] = "fp8 recipe, calibrated on 64 samples (export time does not depend on it)"
+        del loaded
+        cleanup()
+        return info
+
+    report["decoder_onnx_fp8"] = run("decoder-onnx", 150, decoder_onnx)
+    save()
+    print_tables(report)
+    print(f"[bench] JSON: {json_path}", flush=True)
+    return 0 if not report["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

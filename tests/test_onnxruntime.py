@@ -1,0 +1,138 @@
+"""ONNX Runtime reference run: the runner interface, the verification copy (dynamic NVFP4 emulated
+exactly as ModelOpt's fake quant, BF16 computed in FP32), and reference_run writing report.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.test_export import tiny_model, write_recipe
+
+from quantkit.runtime import Runner
+from quantkit.runtime.onnxruntime import OnnxRuntimeRunner, verification_copy
+
+
+def _fp4_dynamic_graph(k: int, global_scale: float) -> onnx.ModelProto:
+    """x -> trt::TRT_FP4DynamicQuantize -> DQ(block scales, g) -> DQ(values, scales, block 16): ModelOpt's form."""
+    nodes = [
+        helper.make_node("TRT_FP4DynamicQuantize", ["x", "g"], ["q", "s"], domain="trt", axis=-1, block_size=16,
+                         scale_type=TensorProto.FLOAT8E4M3FN, name="/model/fc/input_quantizer/TRT_FP4DynamicQuantize"),
+        helper.make_node("DequantizeLinear", ["s", "g"], ["scales"], name="/model/fc/input_quantizer/DequantizeLinear"),
+        helper.make_node("DequantizeLinear", ["q", "scales"], ["y"], axis=-1, block_size=16,
+                         name="/model/fc/input_quantizer/DequantizeLinear_1"),
+    ]
+    graph = helper.make_graph(nodes, "fp4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])],
+                              [numpy_helper.from_array(np.array(global_scale, np.float32), "g")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("trt", 1)])
+
+
+def test_dynamic_nvfp4_emulation_matches_modelopt_fake_quant_exactly(tmp_path):
+    from quantkit.nvfp4_cpu import nvfp4_fake_quantize, nvfp4_global_scale
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=gen) * torch.logspace(-3, 1, 64)  # blocks of very different ranges
+    x[0, :16] = 0.0  # an all-zero block: scale floor
+    x[1, 3] = 0.25 * 1e3  # an outlier
+    global_amax = x.abs().max()
+    path = tmp_path / "fp4.onnx"
+    onnx.save(_fp4_dynamic_graph(64, float(nvfp4_global_scale(global_amax))), str(path))
+    runner = OnnxRuntimeRunner(path)
+    assert any("TRT_FP4DynamicQuantize" in n for n in runner.notes)
+    out = runner.run({"x": x})["y"]
+    ref = nvfp4_fake_quantize(x, global_amax)
+    assert torch.equal(out, ref), f"max |err| {(out - ref).abs().max().item()}"
+
+
+def test_runner_interface_and_input_casts(tmp_path):
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s"])])
+    path = tmp_path / "cast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    runner = OnnxRuntimeRunner(path)
+    assert isinstance(runner, Runner) and runner.name == "onnxruntime"
+    out = runner.run({"ids": torch.tensor([[1, 2, 3]], dtype=torch.int32)})
+    assert isinstance(out["y"], torch.Tensor) and out["y"].tolist() == [[1.0, 2.0, 3.0]]
+    assert runner.session.get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
+    with pytest.raises(ValueError, match="inputs"):
+        runner.run({})
+
+
+def test_bf16_graph_runs_in_fp32_copy():
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float32), "w"))
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+             helper.make_node("Cast", ["w"], ["wb"], to=TensorProto.BFLOAT16),
+             helper.make_node("MatMul", ["xb", "wb"], ["yb"]),
+             helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    copy, notes = verification_copy(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+    assert any("BF16" in n for n in notes) and any("opset 19 -> 21" in n for n in notes)
+    assert not [a for n in copy.graph.node for a in n.attribute if a.name == "to" and a.i == TensorProto.BFLOAT16]
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    from quantkit import calib, ptq
+    from quantkit.export.onnx_export import export_run
+    from quantkit.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("ortrun")
+    loaded = tiny_model()
+    recipe = load_recipe(write_recipe(tmp, "int8"))
+    calibration = calib.synthetic_set(loaded, n=20, seed=0)
+    result = ptq.quantize(loaded, recipe, calibration, dtype="fp32", device="cpu", batch_size=4, per_layer=False)
+    out = tmp / "out"
+    out.mkdir()
+    ptq.save_run(result, out, loaded.spec, "fp32")
+    export_run(out)
+    return out
+
+
+def test_reference_run_writes_report_metrics(exported_run):
+    from quantkit.export.reference import reference_run
+
+    result = reference_run(exported_run)
+    report = json.loads((exported_run / "report.json").read_text())
+    assert set(report["metrics"]["onnxruntime"]) == {"y"}
+    assert set(report["onnxruntime_vs_fake_quant"]) == {"y"}
+    assert report["onnxruntime"]["samples"] == result.samples == 2  # 10% of 20 held out
+    cos = result.worst_cosine_vs_fake_quant
+    assert cos >= 0.9999, f"ORT vs fake-quant cosine {cos}"
+    assert result, "truthy when ORT matches fake-quant"
+    fq = report["metrics"]["fake-quant"]["y"]["cosine"]
+    assert abs(report["metrics"]["onnxruntime"]["y"]["cosine"] - fq) < 1e-3, "ORT is as close to FP32 as fake-quant"
+
+
+def test_nvfp4_export_keeps_trt_form_and_runs_on_ort(tmp_path):
+    """NVFP4 (CPU via quantkit.nvfp4_cpu): trt::TRT_FP4DynamicQuantize + two-level DQ for activations,
+    FLOAT4E2M1 weights with FP8 block scales, opset 23, TensorRT >= 11; the ORT copy runs it."""
+    from tests.test_export import export_tiny
+
+    from quantkit.export.audit import audit
+    from quantkit.export.trt_requirements import min_tensorrt_version
+    from quantkit.metrics import compare
+
+    loaded, plan, graph, surgery, ref, x = export_tiny("nvfp4", tmp_path, opset=23)
+    full = onnx.load(str(tmp_path / "model.onnx"))
+    ops = [n for n in full.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+    assert len(ops) == 12 and all(n.domain == "trt" for n in ops)
+    inits = {t.name: t.data_type for t in full.graph.initializer}
+    assert sum(t == TensorProto.FLOAT4E2M1 for t in inits.values()) == 12
+    assert sum(t == TensorProto.FLOAT8E4M3FN for t in inits.values()) == 12  # block scales
+    assert {o.domain or "": o.version for o in full.opset_import}[""] >= 23
+    assert min_tensorrt_version(full)[0] >= (11, 0)
+    result = audit(full, plan.to_dict())
+    assert result, result.violations
+    assert result.counts["compute_by_format"]["nvfp4"] == {"MatMul": 12}
+    out = OnnxRuntimeRunner(tmp_path / "model.onnx").run({"x": x})["y"]
+    m = compare(torch.from_numpy(ref), out)
+    # ModelOpt computes NVFP4 MatMuls in FP16 even in an FP32 graph: FP16 rounding, not Q/DQ differences.
+    assert m.cosine >= 0.999, f"ORT vs fake-quant cosine {m.cosine}"

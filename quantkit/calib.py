@@ -692,12 +692,16 @@ class CalibrationSet:
             yield sample.args, sample.kwargs
 
     def forward_loop(self, batch_size: int = 8, device: torch.device | str | None = "cpu",
-                     dtype: torch.dtype | None = None, progress: bool = True) -> Callable[["nn.Module"], None]:
+                     dtype: torch.dtype | None = None, progress: bool = True,
+                     groups: Sequence[Sequence[int]] | None = None, desc: str = "calibrate"
+                     ) -> Callable[["nn.Module"], None]:
         """A `forward_loop(model)` for `mtq.quantize`: runs every batch through the model.
 
+        `groups` runs only those batches (sample positions per batch, as `batch_groups` gives them):
+        a data-parallel rank's shard, batched exactly as the single-process run batches it.
         For a set captured at a submodule (`module`), the loop calls `model.get_submodule(module)`
         when the model has it (quantize the whole pipeline, calibrate that part), else `model`
-        itself (the model passed in is that submodule).
+        itself (the model passed in is that submodule). Progress counts samples.
         """
         def loop(model: "nn.Module") -> None:
             from tqdm.auto import tqdm
@@ -705,13 +709,14 @@ class CalibrationSet:
             from quantkit import console
 
             target = self.target_of(model)
-            groups = self.batch_groups(batch_size)
+            batches = self.batch_groups(batch_size) if groups is None else [list(g) for g in groups]
             pad = self.pad_values
-            with torch.no_grad():
-                for group in tqdm(groups, desc="calibrate", unit="batch", leave=False,
-                                  disable=not progress or console.is_quiet()):
+            with torch.no_grad(), tqdm(total=sum(len(g) for g in batches), desc=desc, unit="sample", leave=False,
+                                       disable=not progress or console.is_quiet()) as bar:
+                for group in batches:
                     s = to_device(collate([self[i] for i in group], pad), device, dtype)
                     target(*s.args, **s.kwargs)
+                    bar.update(len(group))
 
         return loop
 

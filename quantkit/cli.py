@@ -80,12 +80,17 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
     p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
     p.add_argument("--strict", action="store_true", help="a rule that matches no layer is an error")
+    from quantkit import launch
+
+    launch.add_arguments(p)  # --nproc, --device-map, --max-memory
     _add_common(p)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quantkit import ptq
+    from quantkit import launch, ptq
 
+    if launch.wants_distributed(args):  # --nproc N, or a rank under torchrun
+        return launch.quantize(args)
     result = ptq.quantize_cli(args)
     return 0 if result.passed else 1
 
@@ -167,30 +172,41 @@ def _register_build(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from quantkit import ptq, sensitivity
     from quantkit.models import load_model
     from quantkit.outdir import atomic_write_json, atomic_write_text
     from quantkit.recipe import load_recipe
 
+    if not -1.0 < args.target <= 1.0:
+        raise InputError(f"--target {args.target}: a cosine target lies in (-1, 1], e.g. 0.99")
     recipe = load_recipe(args.recipe)
     device = ptq.resolve_device(args.device)
     loaded = load_model(args.model)
     calibration = ptq.open_calibration(loaded, args.calib, False, args.max_samples)
-    result = sensitivity.analyse(lambda: load_model(args.model), recipe, calibration, target_cosine=args.target,
-                                 granularity=args.granularity, dtype=args.dtype or "fp32", device=device)
-    console.show(console.rows_table(
-        f"sensitivity of {recipe.name} (final-output cosine with only this unit quantized)",
-        ("rank", "unit", "layers", "cosine", "damage"),
-        [(i + 1, u.name, len(u.layers), f"{u.cosine:.6f}", f"{u.damage:.2e}") for i, u in enumerate(result.units)]))
-    if args.out:
-        from pathlib import Path
+    out = Path(args.out) if args.out else Path("runs") / f"sensitivity-{ptq._default_out(args.recipe, args.model).name}"
+    made = [loaded]  # the first model is reused for the analysis; later calls load afresh
 
-        atomic_write_json(Path(args.out) / "sensitivity.json", result.to_dict())
-        atomic_write_text(Path(args.out) / "suggested-recipe.yaml", result.override_yaml())
+    def make_loaded():
+        return made.pop() if made else load_model(args.model)
+
+    result = sensitivity.analyse(make_loaded, recipe, calibration, target_cosine=args.target,
+                                 granularity=args.granularity, dtype=args.dtype or "fp32", device=device,
+                                 batch_size=args.batch_size)
+    atomic_write_json(out / sensitivity.RESULT_FILE, result.to_dict())
+    atomic_write_text(out / sensitivity.SUGGESTION_FILE, result.override_yaml())
+    console.show(console.rows_table(
+        f"sensitivity of {recipe.name} by {result.granularity} (final-output cosine with only this unit quantized)",
+        ("rank", "unit", "layers", "cosine", "damage", "kept"),
+        [(i + 1, u.name, len(u.layers), f"{u.cosine:.6f}", f"{u.damage:.2e}",
+          "yes" if (u.attention and result.keep_attention) or (u.layers and set(u.layers) <= set(result.keep)) else "")
+         for i, u in enumerate(result.units)]))
     verdict = "reaches" if result.reached else "does NOT reach"
-    console.info(f"full recipe cosine {result.full_cosine:.6f}; keeping {len(result.keep)} layer(s)"
-                 f"{' and the attention matmuls' if result.keep_attention else ''} in higher precision "
-                 f"{verdict} {result.target_cosine} ({result.reached_cosine:.6f}). Suggested override:")
+    what = f"{len(result.keep)} layer(s)" + (" and the attention matmuls" if result.keep_attention else "")
+    console.info(f"full recipe cosine {result.full_cosine:.6f}; keeping {what} in higher precision {verdict} "
+                 f"{result.target_cosine} ({result.reached_cosine:.6f}). Suggested override "
+                 f"({out / sensitivity.SUGGESTION_FILE}; use it with --recipe):")
     print(result.override_yaml())
     return 0 if result.reached else 1
 
@@ -199,19 +215,84 @@ def _register_sensitivity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sensitivity", help="rank recipe rules/layers by the damage they do; suggest what to keep")
     _add_model_args(p)
     p.add_argument("--calib", default=None, help="calibration set folder (default: the model's built-in set)")
-    p.add_argument("--max-samples", type=int, default=64, help="calibration samples per trial (default 64)")
+    p.add_argument("--max-samples", type=int, default=64, help="calibration samples, the recipe's held-out share of them for evaluation (default 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
     p.add_argument("--target", type=float, default=0.99, help="cosine the suggestion must reach (default 0.99)")
     p.add_argument("--granularity", choices=("auto", "rule", "block", "layer"), default="auto",
                    help="unit quantized alone (auto: layer for <= 64 quantized layers, else block)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="folder for sensitivity.json and suggested-recipe.yaml")
+    p.add_argument("--out", default=None, help="folder for sensitivity.json and suggested-recipe.yaml "
+                                               "(default: runs/sensitivity-<recipe>-<model>)")
     _add_common(p)
     p.set_defaults(func=cmd_sensitivity)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from quantkit import compare, ptq
+
+    result = compare.compare(args.out_dir, against=args.against, runtimes=compare.parse_runtimes(args.runtime),
+                             max_samples=args.max_samples, batch_size=args.batch_size,
+                             device=ptq.resolve_device(args.device))
+    compare.print_comparison(result)
+    return 0 if result else 1
+
+
+def _register_compare(sub: argparse._SubParsersAction) -> None:
+    from quantkit.compare import CANDIDATES, REFERENCES
+
+    p = sub.add_parser("compare", help="run every available runtime of a quantize output folder on its held-out "
+                                       "samples against a reference; update its reports; exit 1 below the recipe's gate")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder of `quantkit quantize --out`")
+    p.add_argument("--against", choices=REFERENCES, default="fp32",
+                   help="the reference every other runtime is compared with (default fp32)")
+    p.add_argument("--runtime", action="append", default=[], metavar="NAME[,NAME]",
+                   help=f"only these runtimes ({', '.join(CANDIDATES)}); one named here must be available "
+                        "(default: all, the unavailable ones recorded with the reason)")
+    p.add_argument("--max-samples", type=int, default=None, help="compare on at most this many held-out samples")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the recipe's)")
+    p.add_argument("--device", default=None, help="where the PyTorch models run: cpu or cuda[:N] (default: cuda if "
+                                                   "available)")
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare_recipes(args: argparse.Namespace) -> int:
+    from quantkit import compare_recipes, ptq
+
+    result = compare_recipes.compare_recipes(
+        compare_recipes.parse_recipes(args.recipes), args.model, dtype=args.dtype or "fp32",
+        device=ptq.resolve_device(args.device), calib=args.calib, synthetic=args.synthetic,
+        max_samples=args.max_samples, batch_size=args.batch_size)
+    out = compare_recipes.write_comparison(result, args.out or compare_recipes.default_out(args.model))
+    compare_recipes.print_comparison(result, out)
+    return 1 if args.gate and not result else 0
+
+
+def _register_compare_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare-recipes", help="quantize one model under several recipes against one FP32 "
+                                               "reference; side-by-side coverage, weight bytes and accuracy")
+    p.add_argument("--recipes", required=True, metavar="A,B,...",
+                   help="comma-separated shipped recipe names or YAML files, e.g. balanced,fp8,nvfp4")
+    p.add_argument("--model", default=None,
+                   help="built-in name (minilm [default], llama-tiny), a Hugging Face folder, or package.module:function")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="precision the model runs in (default fp32)")
+    p.add_argument("--calib", default=None, help="calibration set folder (default: the model's built-in set)")
+    p.add_argument("--synthetic", action="store_true", help="calibrate on random inputs (the comparison says so)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="calibration samples, shared by every recipe (the recipes' held-out share evaluates)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size, shared")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", default=None, help="folder for comparison.json/.md/.html (default: runs/compare-<model>)")
+    p.add_argument("--gate", action="store_true",
+                   help="exit 1 when any recipe misses its thresholds (default: exit 0, the comparison is information)")
+    _add_common(p)
+    p.set_defaults(func=cmd_compare_recipes)
+
+
 # Verbs that live with their stage: each adds its own subparser.
 EXTRA_VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _register_collect, _register_export, _register_audit, _register_build, _register_sensitivity]
+    _register_collect, _register_export, _register_audit, _register_build, _register_sensitivity,
+    _register_compare, _register_compare_recipes]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,19 +70,31 @@ def enable_cpu_nvfp4_if_needed(plan: Plan, device: torch.device) -> None:
         nvfp4_cpu.install()
 
 
+def move_model(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """model.to(device, dtype); a model placed over several devices (--device-map) keeps its placement."""
+    from quantkit.placement import is_dispatched
+
+    if is_dispatched(model):
+        model.to(dtype=dtype)
+    else:
+        model.to(device=device, dtype=dtype)
+
+
 def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: torch.device | str = "cpu",
             strict: bool = False) -> Plan:
     """Move the model to device/dtype, plan it, and apply FP32 guards, attention Q/DQ and layer dtypes."""
     from quantkit import attention, protect
     from quantkit.layer_dtype import apply_layer_dtypes
+    from quantkit.placement import rebind_hooked_forwards
 
     model = loaded.model
-    model.to(device=device, dtype=_torch_dtype(dtype))
+    move_model(model, device, _torch_dtype(dtype))
     model.eval()
     plan = make_plan(model, recipe, model_dtype=dtype, strict=strict)
     protections = protect.protect_model(model, recipe.protect)
     conversions = attention.convert_attention(model, recipe.attention)
     apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype))
+    rebind_hooked_forwards(model)  # the guards and attention routing swapped classes under accelerate's hooks
     plan.protections = [dataclasses.asdict(p) for p in protections]
     plan.attention = [dataclasses.asdict(c) for c in conversions]
     for c in conversions:
@@ -225,8 +237,12 @@ def split_calibration(calibration, recipe: Recipe):
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: str, device: torch.device,
-                   batch_size: int, strict: bool = False) -> Plan:
-    """prepare + mtq.quantize on `calib_part`, in place; checks that the quantizers match the plan."""
+                   batch_size: int, strict: bool = False, data_parallel=None) -> Plan:
+    """prepare + mtq.quantize on `calib_part`, in place; checks that the quantizers match the plan.
+
+    With `data_parallel` (a quantkit.distributed.DataParallel) this rank calibrates its shard of
+    `calib_part` and the statistics are reduced across ranks (the same amax as one process).
+    """
     import modelopt.torch.quantization as mtq
 
     from quantkit import attention
@@ -235,8 +251,15 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
     plan = prepare(loaded, recipe, dtype, device, strict=strict)
     enable_cpu_nvfp4_if_needed(plan, device)
     config = build_quant_config(plan)
-    forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
-                                           progress=not console.is_quiet())
+    if data_parallel is not None:
+        from quantkit.distributed import check_plan
+
+        check_plan(plan)
+        forward_loop = data_parallel.forward_loop(calib_part, batch_size=batch_size, device=device,
+                                                  dtype=_torch_dtype(dtype), progress=not console.is_quiet())
+    else:
+        forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
+                                               progress=not console.is_quiet())
     with torch.no_grad():
         mtq.quantize(loaded.model, config, forward_loop)
         finish_histogram_calibration(loaded.model, plan)
@@ -249,11 +272,14 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
 
 def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "fp32",
              device: torch.device | str = "cpu", batch_size: int | None = None, strict: bool = False,
-             per_layer: bool = True, reference: list[dict[str, torch.Tensor]] | None = None) -> QuantizeResult:
+             per_layer: bool = True, reference: list[dict[str, torch.Tensor]] | None = None,
+             data_parallel=None) -> QuantizeResult:
     """Quantize `loaded.model` in place under `recipe`, calibrated on `calibration`; evaluate on held-out data.
 
     `reference` (FP32 outputs on the held-out split) may be passed in when several recipes are
     tried on one model; per_layer keeps an FP32 copy of the model to compare layer by layer.
+    With `data_parallel`, only the calibration is shared between ranks (see quantize_model); the
+    reference and the evaluation run here, on the rank that calls this (rank 0).
     """
     from quantkit.layer_error import per_layer_error
 
@@ -264,14 +290,15 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
 
     # The FP32 reference: the untouched model, before anything is converted.
     t0 = time.perf_counter()
-    loaded.model.to(device=device, dtype=torch.float32)
+    move_model(loaded.model, device, torch.float32)
     if reference is None:
         reference = run_outputs(loaded, loaded.model, heldout, batch_size, device, "fp32", "reference (fp32)")
     reference_model = copy.deepcopy(loaded.model) if per_layer else None
     timings["reference_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan = quantize_model(loaded, recipe, calib_part, dtype=dtype, device=device, batch_size=batch_size, strict=strict)
+    plan = quantize_model(loaded, recipe, calib_part, dtype=dtype, device=device, batch_size=batch_size, strict=strict,
+                          data_parallel=data_parallel)
     timings["quantize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -400,13 +427,33 @@ def quantize_cli(args) -> QuantizeResult:
     out = Path(args.out) if args.out else _default_out(args.recipe, args.model)
     console.info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} on {device}")
     loaded = load_model(args.model)
+    placement = None
+    if getattr(args, "device_map", None):
+        from quantkit import placement as placement_mod
+
+        placement = placement_mod.dispatch(loaded.model, args.device_map, device,
+                                           placement_mod.parse_max_memory(getattr(args, "max_memory", None)))
+        device = torch.device(placement.main_device)
+        console.info(f"placed over {', '.join(placement.bytes_per_device)} ({args.device_map})")
     calibration = open_calibration(loaded, args.calib, args.synthetic, args.max_samples or recipe.calibration.max_samples)
     console.info(f"calibration: {len(calibration)} samples from {calibration.info().get('source')}"
                  + (" (SYNTHETIC)" if calibration.synthetic else ""))
+    from quantkit.placement import is_dispatched
+
+    # per_layer keeps an FP32 copy of the model: not for one placed over several GPUs.
+    result = quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=args.batch_size,
+                      strict=args.strict, per_layer=not is_dispatched(loaded.model))
+    if placement is not None:
+        result.report["placement"] = placement.to_dict()
+    # Staged only now: a run that fails or is killed while calibrating leaves nothing on disk.
     with OutputFolder.staged(out) as tmp:
-        result = quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=args.batch_size,
-                          strict=args.strict)
         save_run(result, tmp, loaded.spec, dtype)
+    show_result(result, out)
+    return result
+
+
+def show_result(result: QuantizeResult, out: Path) -> None:
+    """The warnings, coverage and accuracy tables and the verdict, printed last."""
     report = result.report
     for w in report["warnings"]:
         console.warn(w)
@@ -414,4 +461,3 @@ def quantize_cli(args) -> QuantizeResult:
                  console.metrics_table(report["metrics"], report["thresholds"].get("cosine_min")))
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
     console.info(f"{verdict} · results in {out}/ (report.json, plan.json, {STATE_FILE})")
-    return result

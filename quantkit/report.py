@@ -282,9 +282,10 @@ class Plot:
     caption: str
     build: Callable[[], Any]
     hover: list[tuple[str, str]] | None = None  # (anchor id, tooltip) per x index
+    page: str = "report.html"  # where Markdown readers find the rendered plot
 
     def markdown(self) -> str:
-        return f"_Plot ({self.caption}): see report.html._"
+        return f"_Plot ({self.caption}): see {self.page}._"
 
     def html(self) -> str:
         fig = self.build()
@@ -365,6 +366,17 @@ def _metric_row(runtime: str, output: str, d: Mapping[str, Any], th: Thresholds 
     ], cls
 
 
+def runtime_status(report: Mapping[str, Any], runtime: str) -> str:
+    """Why a runtime has no figures: "not available: <why>" / "failed: <why>" as `compare` recorded it."""
+    status = (report.get("runtimes") or {}).get(runtime)
+    if isinstance(status, Mapping):
+        if status.get("error"):
+            return f"failed: {status['error']}"
+        if status.get("available") is False:
+            return f"not available: {status.get('reason') or 'no reason recorded'}"
+    return NOT_MEASURED
+
+
 def _thresholds(report: Mapping[str, Any]) -> Thresholds | None:
     th = report.get("thresholds")
     try:
@@ -384,7 +396,7 @@ def _accuracy_section(report: Mapping[str, Any]) -> Section:
     for runtime in _ordered(list(metrics) + [r for r in RUNTIMES if r not in metrics], RUNTIMES):
         outputs = metrics.get(runtime)
         if not outputs:
-            rows.append([runtime, "—", NOT_MEASURED] + ["—"] * 7 + ["—"])
+            rows.append([runtime, "—", runtime_status(report, runtime)] + ["—"] * 7 + ["—"])
             classes.append("muted")
             continue
         for output, d in outputs.items():
@@ -413,6 +425,10 @@ def _accuracy_section(report: Mapping[str, Any]) -> Section:
         "verdict",
     ]
     blocks.append(Table(columns, rows, numeric=set(range(2, 10)), wide={10}, row_classes=classes))
+    agreement = _agreement_table(report, th)
+    if agreement is not None:
+        blocks.append(Paragraph("Runtimes against each other (`quantkit compare --against`, `quantkit export`):"))
+        blocks.append(agreement)
     hists = report.get("error_histograms") or {}
     if any(hists.get(r) for r in hists):
         blocks.append(
@@ -425,6 +441,29 @@ def _accuracy_section(report: Mapping[str, Any]) -> Section:
     else:
         blocks.append(Paragraph(f"Error histogram: {NOT_MEASURED}.", "muted"))
     return Section("Accuracy against the FP32 reference", blocks, "accuracy")
+
+
+def _agreement_table(report: Mapping[str, Any], th: Thresholds | None) -> Table | None:
+    """Rows of report["comparisons"][reference]["metrics"][runtime][output] and onnxruntime_vs_fake_quant."""
+    pairs: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for reference, entry in (report.get("comparisons") or {}).items():
+        if isinstance(entry, Mapping):
+            for runtime, outputs in (entry.get("metrics") or {}).items():
+                if isinstance(outputs, Mapping):
+                    pairs[(reference, runtime)] = outputs
+    ort = report.get("onnxruntime_vs_fake_quant")
+    if isinstance(ort, Mapping) and ort:
+        pairs.setdefault(("fake-quant", "onnxruntime"), ort)
+    rows, classes = [], []
+    for (reference, runtime), outputs in pairs.items():
+        for output, d in outputs.items():
+            row, cls = _metric_row(runtime, output, d, th)
+            rows.append([reference, *row[:4], row[6], row[-1]])
+            classes.append(cls)
+    if not rows:
+        return None
+    columns = ["reference", "runtime", "output", "cosine", "SNR (dB)", "max |err|", "verdict"]
+    return Table(columns, rows, numeric={3, 4, 5}, wide={6}, row_classes=classes)
 
 
 def _per_layer_section(report: Mapping[str, Any]) -> Section:
@@ -624,8 +663,13 @@ def report_sections(report: Mapping[str, Any]) -> list[Section]:
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
+    return sections_markdown(report_sections(report))
+
+
+def sections_markdown(sections: Sequence[Section]) -> str:
+    """Markdown of any document laid out as sections (the report, `compare-recipes`' comparison)."""
     out = []
-    for n, s in enumerate(report_sections(report)):
+    for n, s in enumerate(sections):
         out.append(("# " if n == 0 else "## ") + _md_cell(s.title))
         out.extend(b.markdown() for b in s.blocks)
     return "\n\n".join(out) + "\n"
@@ -670,7 +714,15 @@ footer { color:var(--muted); font-size:12px; margin-top:40px; }
 
 def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained page: inline CSS, plots as data: URIs, no script, nothing fetched."""
-    sections = report_sections(report)
+    return sections_html(
+        report_sections(report),
+        f"quantkit report: {_recipe_name(report)}",
+        f"Rendered from report.json ({_text(report.get('schema'))}) by quantkit.report.",
+    )
+
+
+def sections_html(sections: Sequence[Section], title: str, footer: str) -> str:
+    """A self-contained page of any document laid out as sections (see render_html)."""
     body = []
     nav = " ".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections[1:] if s.anchor)
     for n, s in enumerate(sections):
@@ -680,12 +732,11 @@ def render_html(report: Mapping[str, Any]) -> str:
             body.append(f"<nav>{nav}</nav>")
         body.extend(b.html() for b in s.blocks)
         body.append("</section>")
-    title = html.escape(f"quantkit report: {_recipe_name(report)}")
-    footer = html.escape(f"Rendered from report.json ({_text(report.get('schema'))}) by quantkit.report.")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
-        f"<style>{_CSS}</style></head><body><main>{''.join(body)}<footer>{footer}</footer></main></body></html>\n"
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><main>{''.join(body)}<footer>{html.escape(footer)}</footer></main>"
+        "</body></html>\n"
     )
 
 

@@ -141,7 +141,10 @@ def calibration_set(kind: str, s: dict[str, Any]):
         size = s["vision"]["image_size"]
         samples = [{"pixel_values": torch.randn(1, 3, size, size, generator=g)} for _ in range(n)]
         what = f"N(0,1) images {size}x{size}"
-    meta = {"source": {"kind": "synthetic", "description": f"bench_gpu: {what}"}, "synthetic": True}
+    # batching "examples": each sample is one example, concatenated into batches of batch_size
+    # (the in-memory default, "calls", would replay them one by one: 8x the forwards).
+    meta = {"source": {"kind": "synthetic", "description": f"bench_gpu: {what}"}, "synthetic": True,
+            "batching": "examples"}
     return CalibrationSet.from_samples(samples, meta)
 
 
@@ -179,6 +182,31 @@ def stage_memory(record: dict[str, Any], key: str):
         if torch.cuda.is_available():
             sync()
             record[key] = gib(torch.cuda.max_memory_allocated())
+
+
+class StageTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise StageTimeout in the main thread after `seconds` (SIGALRM; where there is none, no limit)."""
+    import signal
+
+    if not hasattr(signal, "SIGALRM") or seconds <= 0:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise StageTimeout(f"stopped after {seconds:.0f} s (time limit)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def cleanup() -> None:
@@ -273,7 +301,7 @@ def skip_modelopt_jit() -> None:
 
 
 def ptq_stage(kind: str, build: Callable[[], Any], calibration, recipe_name: str, s: dict[str, Any], device: str,
-              export_dir: Path | None) -> dict[str, Any]:
+              export_dir: Path | None, export_limit: Callable[[], float] = lambda: 0.0) -> dict[str, Any]:
     from quantkit import ptq
     from quantkit.recipe import load_recipe
 
@@ -311,19 +339,21 @@ def ptq_stage(kind: str, build: Callable[[], Any], calibration, recipe_name: str
     row["warnings"] = len(rep["warnings"])
     del result
     if export_dir is not None:
-        row["onnx"] = export_stage(loaded, recipe, export_dir / f"{kind}-{recipe_name}")
+        limit = export_limit()
+        row["onnx"] = (export_stage(loaded, recipe, export_dir / f"{kind}-{recipe_name}", limit) if limit >= 20
+                       else {"skipped": "budget"})
     del loaded
     cleanup()
     return row
 
 
-def export_stage(loaded, recipe, out_dir: Path) -> dict[str, Any]:
+def export_stage(loaded, recipe, out_dir: Path, limit_s: float) -> dict[str, Any]:
     import shutil
 
     from quantkit.export.onnx_export import default_dynamic_axes, default_opset, export_model
     from quantkit.plan import make_plan
 
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"time_limit_s": round(limit_s)}
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(loaded.model.parameters()).device
     example = {k: v.to(device) for k, v in loaded.example_inputs.items()}
@@ -333,8 +363,8 @@ def export_stage(loaded, recipe, out_dir: Path) -> dict[str, Any]:
                                 sequence_model="input_ids" in loaded.input_names)
     path = out_dir / "model.onnx"
     try:
-        with stage_memory(info, "peak_gpu_gib"):
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        with stage_memory(info, "peak_gpu_gib"), time_limit(limit_s):
             _, surgery, external = export_model(
                 loaded.model, example, path, input_names=loaded.input_names, output_names=loaded.output_names,
                 read_outputs=loaded.named_outputs, model_dtype="bf16", io_dtype=recipe.export.io_dtype,
@@ -345,6 +375,7 @@ def export_stage(loaded, recipe, out_dir: Path) -> dict[str, Any]:
                     files={p.name: p.stat().st_size for p in files})
     except Exception as e:  # recorded, the benchmark goes on
         info["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        info["failed_after_s"] = round(time.perf_counter() - t0, 1)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return info
@@ -551,6 +582,14 @@ def mib(n: Any) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
+def onnx_cell(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "-"
+    if "export_s" in info:
+        return str(info["export_s"])
+    return (info.get("error") or info.get("skipped") or "-")[:40]
+
+
 def print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -569,12 +608,12 @@ def print_tables(report: dict[str, Any]) -> None:
         t.add_row(r["model"], r["recipe"], f"{r.get('calib_samples_per_s', '-')}", f"{r['calibrate_quantize_s']}",
                   f"{r['ptq_total_s']}", f"{r['fake_quant_vs_fp32']['cosine']:.5f}",
                   f"{mib(r['weight_bytes_before'])}→{mib(r['weight_bytes_after'])}",
-                  str(onnx.get("export_s", onnx.get("error", "-")[:40] if onnx else "-")),
+                  onnx_cell(onnx),
                   mib(onnx.get("size_bytes")),
                   f"{r.get('peak_gpu_gib_ptq', '-')}/{onnx.get('peak_gpu_gib', '-')}")
     dec = report.get("decoder_onnx_fp8")
     if dec:
-        t.add_row("decoder", "fp8 (export only)", *(["-"] * 5), str(dec.get("export_s", dec.get("error", "-")[:40])),
+        t.add_row("decoder", "fp8 (export only)", *(["-"] * 5), onnx_cell(dec),
                   mib(dec.get("size_bytes")), f"-/{dec.get('peak_gpu_gib', '-')}")
     con.print(t)
     gemm = report.get("gemm")
@@ -694,11 +733,13 @@ def main(argv: list[str] | None = None) -> int:
         row = run(f"decoder-ptq:{recipe}", 60, lambda: ptq_stage(
             "decoder", lambda: build_decoder(s["decoder"], device), dec_calib, recipe, s, device, None))
         report["ptq"].append(row or {"model": "decoder", "recipe": recipe, "skipped": "budget/--skip/error"})
+    # ONNX export of each vision model right after its PTQ, each under a time limit that keeps the
+    # decoder export and the final table inside the budget.
+    do_export = "vision-onnx" not in args.skip
     for recipe in RECIPES:
-        do_export = "vision-onnx" not in args.skip
         row = run(f"vision-ptq:{recipe}", 40, lambda: ptq_stage(
             "vision", lambda: build_vision(s["vision"], device), vis_calib, recipe, s, device,
-            export_root if do_export else None))
+            export_root if do_export else None, lambda: min(120.0, budget.left() - 90)))
         report["ptq"].append(row or {"model": "vision", "recipe": recipe, "skipped": "budget/--skip/error"})
 
     def decoder_onnx():
@@ -710,13 +751,13 @@ def main(argv: list[str] | None = None) -> int:
         calib_part, _ = ptq.split_calibration(dec_calib, recipe)
         ptq.quantize_model(loaded, recipe, calib_part.subset(range(min(64, len(calib_part)))), dtype="bf16",
                            device=torch.device(device), batch_size=s["batch_size"])
-        info = export_stage(loaded, recipe, export_root / "decoder-fp8")
+        info = export_stage(loaded, recipe, export_root / "decoder-fp8", budget.left() - 20)
         info["note"] = "fp8 recipe, calibrated on 64 samples (export time does not depend on it)"
         del loaded
         cleanup()
         return info
 
-    report["decoder_onnx_fp8"] = run("decoder-onnx", 150, decoder_onnx)
+    report["decoder_onnx_fp8"] = run("decoder-onnx", 90, decoder_onnx)
     save()
     print_tables(report)
     print(f"[bench] JSON: {json_path}", flush=True)

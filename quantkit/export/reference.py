@@ -44,7 +44,8 @@ class ReferenceResult:
                 "vs_fake_quant": {k: m.to_dict() for k, m in self.vs_fake_quant.items()}}
 
 
-def _heldout(run):
+def heldout_samples(run):
+    """The held-out split of a loaded run, rebuilt exactly as `quantize` made it (same set, size and seed)."""
     from quantkit import ptq
 
     info = run.report.get("calibration", {}) if isinstance(run.report, dict) else {}
@@ -54,7 +55,7 @@ def _heldout(run):
     return heldout
 
 
-def _named(loaded, args, kwargs) -> dict[str, torch.Tensor]:
+def named_inputs(loaded, args, kwargs) -> dict[str, torch.Tensor]:
     named = dict(zip(loaded.input_names, args))
     named.update({k: v for k, v in kwargs.items() if k in loaded.input_names})
     return named
@@ -77,7 +78,7 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
         raise InputError(f"{onnx_path}: not found; run `quantkit export --from {out_dir}` first")
     t0 = time.perf_counter()
     run = load_quantized(out_dir, "cpu")
-    heldout = _heldout(run)
+    heldout = heldout_samples(run)
     if max_samples and len(heldout) > max_samples:
         heldout = heldout.subset(range(max_samples))
     batch_size = batch_size or run.recipe.calibration.batch_size
@@ -88,7 +89,7 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     batches = list(heldout.batches(batch_size, device="cpu", dtype=DTYPES[run.dtype]))
     with torch.no_grad():
         for args, kwargs in tqdm(batches, desc="onnxruntime reference", disable=console.is_quiet(), leave=False):
-            named = _named(run.loaded, args, kwargs)
+            named = named_inputs(run.loaded, args, kwargs)
             fake = {k: v.float() for k, v in run.loaded.named_outputs(run.loaded.model(*args, **kwargs)).items()}
             fp32_args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
             fp32_kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}

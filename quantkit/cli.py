@@ -89,6 +89,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from quantkit import launch, ptq
 
+    if args.max_memory and not args.device_map:
+        raise InputError(f"--max-memory {args.max_memory}: sets the per-GPU budget of --device-map; add "
+                         "--device-map auto (or leave --max-memory out)")
     if launch.wants_distributed(args):  # --nproc N, or a rank under torchrun
         return launch.quantize(args)
     result = ptq.quantize_cli(args)
@@ -204,9 +207,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
          for i, u in enumerate(result.units)]))
     verdict = "reaches" if result.reached else "does NOT reach"
     what = f"{len(result.keep)} layer(s)" + (" and the attention matmuls" if result.keep_attention else "")
-    console.info(f"full recipe cosine {result.full_cosine:.6f}; keeping {what} in higher precision {verdict} "
-                 f"{result.target_cosine} ({result.reached_cosine:.6f}). Suggested override "
-                 f"({out / sensitivity.SUGGESTION_FILE}; use it with --recipe):")
+    # The verdict is a result, printed under --quiet too (which silences progress only).
+    print(f"full recipe cosine {result.full_cosine:.6f}; keeping {what} in higher precision {verdict} "
+          f"{result.target_cosine} ({result.reached_cosine:.6f} on {result.heldout_samples} held-out of "
+          f"{result.samples} samples). Suggested override ({out / sensitivity.SUGGESTION_FILE}; use it with "
+          f"--recipe and --max-samples {result.samples}):")
     print(result.override_yaml())
     return 0 if result.reached else 1
 

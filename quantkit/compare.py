@@ -1,8 +1,9 @@
 """`quantkit compare OUT`: every runtime of a quantize output folder against one reference, per output.
 
 On the run's held-out samples it runs the FP32 model, the fake-quant PyTorch model, ONNX Runtime
-(OUT/model.onnx from `quantkit export`) and TensorRT (OUT/model.engine + engine.json, where TensorRT
-imports); a runtime whose prerequisites are missing here is recorded as "not available: <why>".
+(OUT/model.onnx from `quantkit export`), TensorRT (OUT/model.engine + engine.json, where TensorRT
+imports) and torch-fp8 (the FP8 linears as real FP8 GEMMs, torch._scaled_mm, on an SM 8.9+ GPU with
+--device cuda); a runtime whose prerequisites are missing here is recorded as "not available: <why>".
 Metrics against FP32 refresh report.json/md/html (the report's gate); against another reference
 (--against) they go under report.json's `comparisons/<reference>`. The recipe saved in the folder
 sets the thresholds, and the comparison asked for is judged by them (the CLI's exit code).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from quantkit.errors import InputError, QuantkitError
 from quantkit.metrics import Metrics, Thresholds, Verdict, judge
 
 REFERENCES = ("fp32", "fake-quant", "onnxruntime", "tensorrt")
-CANDIDATES = ("fake-quant", "onnxruntime", "tensorrt")
+CANDIDATES = ("fake-quant", "onnxruntime", "tensorrt", "torch-fp8")
 
 
 class RuntimeUnavailable(Exception):
@@ -210,6 +212,12 @@ def _open_tensorrt(run, out_dir: Path, device: torch.device) -> _GraphRuntime:
 
     engine, metadata = out_dir / ENGINE_NAME, out_dir / METADATA_NAME
     if not engine.is_file():
+        # Say first that TensorRT itself is missing: an engine would not run here either. find_spec
+        # looks without importing (tensorrt is imported only in runtime/tensorrt.py).
+        if importlib.util.find_spec("tensorrt") is None:
+            raise RuntimeUnavailable(f"TensorRT is not installed here, and there is no {ENGINE_NAME} in {out_dir} "
+                                     f"(on a machine with TensorRT and a GPU: `quantkit build --from {out_dir}`, "
+                                     "then compare there)")
         raise RuntimeUnavailable(f"no {ENGINE_NAME} in {out_dir} (build one with `quantkit build --from {out_dir}` "
                                  "where TensorRT is installed)")
     if not metadata.is_file():
@@ -218,6 +226,26 @@ def _open_tensorrt(run, out_dir: Path, device: torch.device) -> _GraphRuntime:
     try:
         runner = TensorRTRunner(engine, metadata)
     except InputError as e:  # TensorRTUnavailable (no tensorrt, no GPU) or an engine built for another GPU
+        raise RuntimeUnavailable(str(e)) from None
+    return _GraphRuntime(runner, run.loaded)
+
+
+def _open_torch_fp8(run, out_dir: Path, device: torch.device) -> _GraphRuntime:
+    """Real FP8 GEMMs in PyTorch (runtime/torch_fp8.py) on a second copy: the runner converts in place."""
+    from quantkit import ptq
+    from quantkit.runtime.torch_fp8 import FP8_MIN_CAPABILITY, TorchFP8Runner
+
+    if device.type != "cuda":
+        raise RuntimeUnavailable("runs FP8 GEMMs on the GPU (torch._scaled_mm): needs --device cuda and an "
+                                 "SM 8.9+ GPU (Ada, Hopper, Blackwell)")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FP8_MIN_CAPABILITY:
+        raise RuntimeUnavailable(f"{torch.cuda.get_device_name(device)} (SM {cap[0]}{cap[1]}) has no FP8 tensor cores "
+                                 "(needs SM 8.9+: Ada, Hopper, Blackwell)")
+    fresh = ptq.load_quantized(out_dir, device)
+    try:
+        runner = TorchFP8Runner(fresh.loaded, device=device)
+    except InputError as e:  # e.g. a recipe without static per-tensor FP8 linears
         raise RuntimeUnavailable(str(e)) from None
     return _GraphRuntime(runner, run.loaded)
 
@@ -235,7 +263,8 @@ def _open_fake_quant(run, out_dir: Path, device: torch.device) -> _TorchRuntime:
 
 
 _OPENERS: dict[str, Callable[[Any, Path, torch.device], Any]] = {
-    "fp32": _open_fp32, "fake-quant": _open_fake_quant, "onnxruntime": _open_onnxruntime, "tensorrt": _open_tensorrt}
+    "fp32": _open_fp32, "fake-quant": _open_fake_quant, "onnxruntime": _open_onnxruntime, "tensorrt": _open_tensorrt,
+    "torch-fp8": _open_torch_fp8}
 
 
 # ---------------------------------------------------------------------------------------------

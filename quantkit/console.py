@@ -71,6 +71,9 @@ def coverage_table(coverage: dict[str, Any]) -> Table:
     for prec, row in coverage["by_precision"].items():
         t.add_row(prec, str(row["layers"]), f"{row['params']:,}", f"{100 * row['param_fraction']:.1f}%",
                   f"{100 * row['linear_param_fraction']:.1f}%", _fmt_bytes(row["weight_bytes"]))
+    if "unquantized" not in coverage["by_precision"]:
+        # Shown even when empty: "nothing left as the model has it" is worth reading, not guessing.
+        t.add_row("unquantized", "0", "0", "0.0%", "0.0%", _fmt_bytes(0))
     t.caption = (f"weights: {_fmt_bytes(coverage['weight_bytes_before'])} before -> "
                  f"{_fmt_bytes(coverage['weight_bytes_after'])} after")
     return t

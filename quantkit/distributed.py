@@ -236,7 +236,8 @@ class DataParallel:
         groups, shards = self.shards(calib_part, batch_size)
         mine = shards[self.rank]
         inner = calib_part.forward_loop(batch_size, device=device, dtype=dtype, progress=progress,
-                                        groups=[groups[i] for i in mine.batches], desc=f"calibrate {self.label}")
+                                        groups=[groups[i] for i in mine.batches],
+                                        desc=f"calibrate {self.label} ({mine.samples} of {len(calib_part)} samples)")
 
         def loop(model: "nn.Module") -> None:
             self._check_same_job(model, len(calib_part), groups)

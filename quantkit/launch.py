@@ -198,14 +198,18 @@ class AccuracyGateFailed(QuantkitError):
 # One rank
 
 
-def _write_status(rank: int, data: dict[str, Any]) -> None:
+def _write_status(rank: int, data: dict[str, Any]) -> bool:
+    """Leave this rank's outcome for the --nproc launcher; False when there is none to read it."""
     folder = os.environ.get(STATUS_ENV)
     if not folder:
-        return
+        return False
     from quantkit.outdir import atomic_write_json
 
-    with contextlib.suppress(OSError):
+    try:
         atomic_write_json(Path(folder) / f"rank-{rank}.json", {"rank": rank, "time": time.time(), **data})
+    except OSError:
+        return False
+    return True
 
 
 def run_rank(args: argparse.Namespace, dp) -> int:
@@ -219,13 +223,16 @@ def run_rank(args: argparse.Namespace, dp) -> int:
                 else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
         code = code or 1
         message = f"{type(e).__name__}: {e}"
-        _write_status(dp.rank, {"kind": "error", "error": message, "exit_code": code,
-                                "secondary": isinstance(e, PeerFailure)})
-        if isinstance(e, PeerFailure):
+        reported = _write_status(dp.rank, {"kind": "error", "error": message, "exit_code": code,
+                                           "secondary": isinstance(e, PeerFailure)})
+        expected = isinstance(e, (QuantkitError, KeyboardInterrupt, SystemExit))
+        if reported and expected:
+            pass  # the --nproc launcher prints the one line that names the rank and the cause
+        elif isinstance(e, PeerFailure):
             print(f"{e}", file=sys.stderr)
         else:
             print(f"{dp.label} failed: {message}", file=sys.stderr)
-            if not isinstance(e, (QuantkitError, KeyboardInterrupt, SystemExit)):
+            if not expected:
                 traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,10 +1,12 @@
 """Models larger than one GPU: place a loaded model over several devices with Hugging Face accelerate
 (`--device-map auto`), keep that placement through quantkit's preparation, and record it.
 
-The model is placed as loaded (FP32: quantkit's reference run is FP32), whole decoder blocks per
-device (the model's `_no_split_modules`), on GPUs only: a block offloaded to the CPU or disk lives
-on the meta device between calls, which ModelOpt's quantizers and the per-layer dtype casts cannot
-work on, so a model that does not fit the GPUs is refused with the sizes instead.
+The map is sized for FP32 weights whatever the loaded dtype (quantkit's reference run converts the
+placed model to FP32), whole decoder blocks per device (the model's `_no_split_modules`), on GPUs
+only: a block offloaded to the CPU or disk lives on the meta device between calls, which ModelOpt's
+quantizers and the per-layer dtype casts cannot work on, so a model that does not fit the GPUs is
+refused with the sizes instead. accelerate keeps room for the largest layer on the first GPU (meant
+for offloaded layers), so a small model whose embedding is a large share of it may not be split.
 """
 
 from __future__ import annotations
@@ -64,11 +66,14 @@ def parse_max_memory(spec: str | None) -> dict[int | str, int] | None:
     return out
 
 
-def _module_bytes(model: nn.Module) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        sizes[name] = t.numel() * t.element_size()
-    return sizes
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """Weights and buffers with floating tensors counted as FP32 (what the placement is sized for)."""
+    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+               for t in list(model.parameters()) + list(model.buffers()))
 
 
 def infer_map(model: nn.Module, mode: str, device: torch.device,
@@ -87,18 +92,26 @@ def infer_map(model: nn.Module, mode: str, device: torch.device,
     bad = [k for k in max_memory if not isinstance(k, int) or k >= count]
     if bad:
         raise InputError(f"--max-memory names GPU(s) {bad}, but {count} are visible")
+    room = sum(max_memory.values())
     no_split = list(getattr(model, "_no_split_modules", None) or [])
+    # Sized as FP32 whatever the loaded dtype: quantkit's reference pass runs the placed model in FP32.
     if mode == "auto":  # accelerate's "auto"/"balanced": spread evenly rather than fill GPU 0 first
-        max_memory = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split)
-    device_map = infer_auto_device_map(model, max_memory=dict(max_memory), no_split_module_classes=no_split)
+        max_memory = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
+                                         dtype=torch.float32)
+    device_map = infer_auto_device_map(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
+                                       dtype=torch.float32)
     device_map = {k: (f"cuda:{v}" if isinstance(v, int) else str(v)) for k, v in device_map.items()}
     offloaded = sorted({v for v in device_map.values() if not v.startswith("cuda")})
     if offloaded:
-        total = sum(_module_bytes(model).values())
-        room = sum(int(v) for k, v in max_memory.items() if isinstance(k, int))
-        raise InputError(f"the model ({total / 2**30:.1f} GiB as loaded) does not fit the GPUs' "
-                         f"{room / 2**30:.1f} GiB for weights (device map would offload to {', '.join(offloaded)}, "
-                         "which calibration cannot use); use more or larger GPUs, or --max-memory")
+        from accelerate.utils import compute_module_sizes, get_max_layer_size
+
+        sizes = compute_module_sizes(model, dtype=torch.float32)
+        largest, _ = get_max_layer_size(list(model.named_children()), sizes, no_split)
+        raise InputError(f"the model ({_size(fp32_bytes(model))} in FP32) does not fit the GPUs' "
+                         f"{_size(room)} for weights, of which accelerate keeps {_size(largest)} "
+                         f"(its largest layer) free on the first GPU (device map would offload to "
+                         f"{', '.join(offloaded)}, which calibration cannot use); use more or larger GPUs, "
+                         "or a larger --max-memory")
     return device_map, {str(k): int(v) for k, v in max_memory.items()}
 
 

@@ -363,7 +363,13 @@ def save_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str) -> 
 
     from quantkit.outdir import atomic_write_json, atomic_write_text
 
-    atomic_write_text(out / "recipe.yaml", result.recipe.to_yaml())
+    # The gate is written out resolved: a later quantkit with other default thresholds must not
+    # change this folder's verdict (`compare` judges by the saved recipe).
+    recipe = result.recipe
+    if recipe.thresholds.cosine_min is None:
+        recipe = recipe.model_copy(update={"thresholds": recipe.thresholds.model_copy(
+            update={"cosine_min": recipe.default_cosine_min()})})
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     atomic_write_json(out / "plan.json", result.plan.to_dict())
     atomic_write_json(out / RUN_FILE, {"model": model_spec, "dtype": dtype, "recipe": "recipe.yaml",
                                        "input_names": result.loaded.input_names,
@@ -460,4 +466,5 @@ def show_result(result: QuantizeResult, out: Path) -> None:
     console.show(console.coverage_table(report["coverage"]),
                  console.metrics_table(report["metrics"], report["thresholds"].get("cosine_min")))
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
-    console.info(f"{verdict} · results in {out}/ (report.json, plan.json, {STATE_FILE})")
+    # Printed under --quiet too: the verdict is the result (the exit code says the same, 0 or 1).
+    print(f"{verdict} · results in {out}/ (report.json, report.md, report.html, plan.json, {STATE_FILE})")

@@ -396,7 +396,9 @@ def _accuracy_section(report: Mapping[str, Any]) -> Section:
     for runtime in _ordered(list(metrics) + [r for r in RUNTIMES if r not in metrics], RUNTIMES):
         outputs = metrics.get(runtime)
         if not outputs:
-            rows.append([runtime, "—", runtime_status(report, runtime)] + ["—"] * 7 + ["—"])
+            # Why it has no figures goes in the verdict column, which wraps: in a numeric column a long
+            # reason would stretch the table and push the figures of the other runtimes off the page.
+            rows.append([runtime, "—"] + ["—"] * 8 + [runtime_status(report, runtime)])
             classes.append("muted")
             continue
         for output, d in outputs.items():

@@ -56,6 +56,9 @@ class SensitivityResult:
     reached_cosine: float  # of the suggestion, from a real quantize run of it when one was needed
     reached: bool
     steps: list[dict[str, Any]]
+    # The figures hold for these samples: a quantize run on other (more) held-out samples measures afresh.
+    samples: int = 0  # calibration samples given (calibration + held-out)
+    heldout_samples: int = 0  # the held-out share every cosine here is measured on
 
     def __bool__(self) -> bool:
         return self.reached
@@ -73,7 +76,9 @@ class SensitivityResult:
     def override_yaml(self, keep_precision: Precision = Precision.SKIP) -> str:
         header = (f"# Suggested by `quantkit sensitivity` ({self.granularity} granularity): keeps the units that "
                   f"damage\n# {self.recipe.name} most out of quantization; cosine {self.reached_cosine:.6f} "
-                  f"(target {self.target_cosine}).\n")
+                  f"(target {self.target_cosine}) on {self.heldout_samples} held-out of {self.samples} samples;\n"
+                  f"# `quantize --max-samples {self.samples}` (same --calib) evaluates it on the same held-out samples."
+                  "\n")
         return header + yaml.safe_dump(self.override(keep_precision), sort_keys=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +87,8 @@ class SensitivityResult:
                 "ranking": [{"unit": u.name, "layers": len(u.layers), "attention": u.attention, "cosine": u.cosine,
                              "damage": u.damage} for u in self.units],
                 "keep": self.keep, "keep_attention": self.keep_attention, "reached_cosine": self.reached_cosine,
-                "reached": self.reached, "steps": self.steps, "override": self.override()}
+                "reached": self.reached, "samples": self.samples, "heldout_samples": self.heldout_samples,
+                "steps": self.steps, "override": self.override()}
 
 
 def _extends_spec(recipe: Recipe) -> str:
@@ -262,4 +268,4 @@ def analyse(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration,
         console.info(f"suggestion quantized afresh: cosine {verified:.6f} (with quantizers switched off: {cosine:.6f})")
         cosine = verified
     return SensitivityResult(recipe, granularity, target_cosine, full, units, keep, keep_attention, cosine,
-                             cosine >= target_cosine, steps)
+                             cosine >= target_cosine, steps, samples=len(calibration), heldout_samples=len(heldout))

@@ -548,6 +548,15 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
             out["kernel_ms_" + "x".join(map(str, last))] = {"bf16": kernel_breakdown(lambda: bf16_call(x)),
                                                             "fp8": kernel_breakdown(lambda: fp8_call(x))}
     out["results"] = results
+    if budget.left() > 30:
+        # The floor: how far BF16 itself is from FP32 on this model and input (FP8 cannot beat it).
+        ref = build_decoder(cfg, device)
+        with torch.inference_mode():
+            bf16_logits = ref.model(**inputs[first]).logits.float()
+            ref.model.float()
+            fp32_logits = ref.model(**inputs[first]).logits.float()
+        out["bf16_vs_fp32_cosine"] = round(cosine(bf16_logits, fp32_logits), 6)
+        del ref, bf16_logits, fp32_logits
     del runner, base, quant, inputs
     cleanup()
     return out
@@ -645,7 +654,8 @@ def print_tables(report: dict[str, Any]) -> None:
         con.print(f"FP8 linears {rt.get('fp8_linears')}; weights {mib(rt.get('bf16_weight_bytes'))} MiB BF16 -> "
                   f"{mib(rt.get('fp8_model_bytes', {}).get('total_bytes'))} MiB FP8 runtime; "
                   f"calibrate+quantize {rt.get('calibrate_quantize_s')} s; FP8 eager vs ModelOpt fake quant cosine "
-                  f"{rt.get('fp8_eager_vs_fake_quant_cosine')}; compile s {rt.get('compile_s')}")
+                  f"{rt.get('fp8_eager_vs_fake_quant_cosine')}; BF16 vs FP32 cosine {rt.get('bf16_vs_fp32_cosine')}; "
+                  f"compile s {rt.get('compile_s')}")
     for e in report.get("errors", []):
         con.print(f"[red]error[/red] {e['stage']}: {e['error']}")
 

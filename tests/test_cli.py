@@ -48,6 +48,8 @@ def test_plan_table_on_default_model():
     lines = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.count("│") > 3}
     assert "nvfp4" in lines and "fp8" in lines and "fp16" in lines
     assert "12" in lines["nvfp4"] and "24" in lines["fp8"]
+    # every layer is planned, and the table says so rather than leaving the row out
+    assert [c.strip() for c in lines["unquantized"].split("│")[2:4]] == ["0", "0"]
 
 
 def test_plan_strict_fails_on_rule_that_matches_nothing(tmp_path):

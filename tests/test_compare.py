@@ -103,13 +103,18 @@ def test_compare_passes_and_records_what_cannot_run(run_copy, capsys):
                                        "samples": 0, "seconds": 0.0, "notes": []}
     assert runtimes["onnxruntime"]["reason"].startswith(f"no model.onnx in {run_copy} (export one with")
     assert runtimes["tensorrt"]["available"] is False
-    assert runtimes["tensorrt"]["reason"].startswith(f"no model.engine in {run_copy} (build one with")
+    trt_reason = (f"no model.engine in {run_copy} (build one with" if HAS_TENSORRT else
+                  f"TensorRT is not installed here, and there is no model.engine in {run_copy} (on a machine with "
+                  f"TensorRT and a GPU: `quantkit build --from {run_copy}`, then compare there)")
+    assert runtimes["tensorrt"]["reason"].startswith(trt_reason)
     assert set(report["metrics"]) == {"fake-quant"} and report["passed"] is True and report["failures"] == []
     assert report["compare"]["against"] == "fp32" and report["compare"]["samples"] == 2
     md = (run_copy / "report.md").read_text()
-    assert f"| tensorrt | — | not available: no model.engine in {run_copy}" in md
-    assert "| onnxruntime | — | not available: no model.onnx" in md
-    assert "not available: no model.engine" in (run_copy / "report.html").read_text()
+    dashes = "| — " * 9  # output and the eight figures; the reason is the verdict
+    assert f"| tensorrt {dashes}| not available: {trt_reason}" in md
+    assert f"| onnxruntime {dashes}| not available: no model.onnx" in md
+    # In the page the reason sits in the wrapping verdict cell, not in a (no-wrap) figure column.
+    assert f'<td class="wide">not available: {trt_reason}' in (run_copy / "report.html").read_text()
 
 
 def test_compare_runs_onnxruntime_when_exported(exported_dir, capsys):
@@ -168,6 +173,51 @@ def test_compare_exits_1_when_the_recipes_threshold_is_missed(run_copy, capsys):
     assert table_rows(out)[("fake-quant", "y")][-1] == f"FAIL: cosine {cos:.6f} < 0.99999"
     assert out.strip().splitlines()[-1].startswith(f"FAILED: fake-quant/y: cosine {cos:.6f} < 0.99999")
     assert "**FAILED**" in (run_copy / "report.md").read_text()
+
+
+def test_quantize_exits_1_below_the_recipes_threshold_and_0_above(tmp_path, capsys):
+    """The gate a CI uses: the recipe's thresholds (overridable through extends) decide quantize's exit code."""
+    base = write_recipe(tmp_path, "fp8")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(f"name: strict\nextends: {base}\nthresholds: {{cosine_min: 0.99999}}\n")
+    common = ["--model", TINY, "--synthetic", "--max-samples", "10", "--device", "cpu", "-q"]
+    assert main(["quantize", "--recipe", str(strict), "--out", str(tmp_path / "strict"), *common]) == 1
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    report = report_of(tmp_path / "strict")
+    cos = report["metrics"]["fake-quant"]["y"]["cosine"]
+    assert 0.999 < cos < 0.99999, f"fp8 tiny-model cosine {cos}"
+    assert report["passed"] is False and report["thresholds"] == {"cosine_min": 0.99999, "snr_min_db": None}
+    assert report["failures"] == [f"fake-quant/y: cosine {cos:.6f} < 0.99999"]
+    assert verdict.startswith(f"FAILED: fake-quant/y: cosine {cos:.6f} < 0.99999 · results in {tmp_path / 'strict'}/")
+    assert "**FAILED**" in (tmp_path / "strict" / "report.md").read_text()
+    assert "FAILED" in (tmp_path / "strict" / "report.html").read_text()
+
+    assert main(["quantize", "--recipe", str(base), "--out", str(tmp_path / "base"), *common]) == 0
+    report = report_of(tmp_path / "base")
+    assert report["passed"] is True and report["thresholds"]["cosine_min"] == 0.99  # the FP8 default
+    assert report["metrics"]["fake-quant"]["y"]["cosine"] == pytest.approx(cos, abs=1e-12), "same data, same model"
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASSED · results in ")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the message given where TensorRT is not installed")
+def test_against_tensorrt_without_tensorrt_or_engine_says_so(run_copy, capsys):
+    before = (run_copy / "report.json").read_bytes()
+    assert main(["compare", str(run_copy), "--against", "tensorrt", "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"InputError: --against tensorrt: not available: TensorRT is not installed here, and there "
+                           f"is no model.engine in {run_copy} (on a machine with TensorRT and a GPU: `quantkit build "
+                           f"--from {run_copy}`, then compare there)")
+    assert (run_copy / "report.json").read_bytes() == before, "nothing is written for a comparison that cannot run"
+
+
+def test_unknown_against_exits_2_naming_the_choices(run_copy, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's choices: exit 2 with the usage line
+        main(["compare", str(run_copy), "--against", "trt"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "--against" in ln and "invalid choice" in ln)
+    assert "'trt'" in line and all(name in line for name in ("fp32", "fake-quant", "onnxruntime", "tensorrt"))
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("damage,expected", [
@@ -266,3 +316,20 @@ def test_compare_recipes_bad_input_exits_2(tmp_path, capsys, recipes, expected):
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_torch_fp8_runtime_needs_a_gpu(run_copy, capsys):
+    """On the CPU the real-FP8 runtime is recorded as not available, and asking for it is exit 2."""
+    assert main(["compare", str(run_copy), "--device", "cpu", "-q"]) == 0
+    status = report_of(run_copy)["runtimes"]["torch-fp8"]
+    assert status["available"] is False
+    assert status["reason"].startswith("runs FP8 GEMMs on the GPU (torch._scaled_mm): needs --device cuda")
+    capsys.readouterr()
+    assert main(["compare", str(run_copy), "--runtime", "torch-fp8", "--device", "cpu", "-q"]) == 2
+    assert "InputError: --runtime torch-fp8: not available: runs FP8 GEMMs on the GPU" in capsys.readouterr().err
+
+
+def test_saved_recipe_carries_the_resolved_gate(run_dir):
+    """recipe.yaml records the threshold in force at quantize time, so a later default cannot flip the verdict."""
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert saved["thresholds"]["cosine_min"] == 0.99  # FP8 recipe, none set: the FP8/INT8 default

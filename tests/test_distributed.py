@@ -1,17 +1,15 @@
-"""Data-parallel calibration (quantkit.distributed, quantkit.launch) and --device-map (quantkit.placement).
+"""Data-parallel calibration (quantkit.distributed, quantkit.launch) and --device-map (quantkit.placement),
+in one process: sharding arithmetic, what is refused and why, the launcher's options, placement.
 
-The sharding arithmetic and the plan checks run in-process; the reduction runs for real: `quantize
---nproc 2 --device cpu` starts two gloo ranks, and their saved state must equal a one-process run's
-bit for bit. The fixture model routes flagged batches through a second expert, so one rank never
-calibrates that expert's quantizers (the case ModelOpt's own amax sync cannot pair up).
+Two real gloo ranks (bit-for-bit equality with one process, a failing rank, bad input) are in
+tests/test_distributed_gloo.py; the NCCL and multi-GPU versions in tests/gpu/test_data_parallel.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -117,6 +115,8 @@ def _plan(tmp_path: Path, rule_extra: str = "", calibration: str = "max"):
 @pytest.mark.parametrize("rule_extra,calibration,needle", [
     ("    calibrator: percentile\n", "max", "calibrator percentile on 4 layer(s)"),
     ("    calibrator: entropy\n", "max", "calibrator entropy"),
+    ("    calibrator: mse\n", "max", "calibrator mse"),  # the histogram method, not the algorithm `mse`
+    ("    calibrator: awq\n", "max", "algorithm awq"),  # a rule's awq sets the algorithm
     ("", "awq", "algorithm awq"),
 ])
 def test_inexact_calibrators_are_refused(tmp_path, rule_extra, calibration, needle):
@@ -132,6 +132,58 @@ def test_exact_algorithms_are_accepted(tmp_path, calibration):
     assert unsupported_calibration(_plan(tmp_path, calibration=calibration)) == []
 
 
+def test_the_reduction_refuses_statistics_it_cannot_merge():
+    """Second line of defence, at the reduction itself: a quantizer whose calibrator is not ModelOpt's
+    MaxCalibrator (here a histogram) stops the run before any collective, on every rank alike."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from quantkit.distributed import DataParallel, reduce_max_statistics
+
+    model = torch.nn.Module()
+    model.hist = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, calibrator="histogram"))
+    model.plain = TensorQuantizer(QuantizerAttributeConfig(num_bits=8))
+    for q in (model.hist, model.plain):
+        q.disable_quant()
+        q.enable_calib()
+        q(torch.randn(4, 8))
+    dp = DataParallel(rank=0, world_size=2, local_rank=0)
+    with mock.patch.object(DataParallel, "gather", side_effect=AssertionError("no collective may start")):
+        with pytest.raises(InputError, match="hist: calibrates with HistogramCalibrator.*calibrate in one process"):
+            reduce_max_statistics(model, dp)
+
+
+def test_reduction_of_one_rank_keeps_every_statistic():
+    """world size 1 (gather and MAX of itself): the running max of each calibrator comes back unchanged,
+    bf16 statistics included (packed through float32 and back)."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from quantkit.distributed import DataParallel, reduce_max_statistics
+
+    model = torch.nn.Module()
+    model.per_tensor = TensorQuantizer(QuantizerAttributeConfig(num_bits=8))
+    model.per_channel = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
+    model.unused = TensorQuantizer(QuantizerAttributeConfig(num_bits=8))
+    for q in (model.per_tensor, model.per_channel, model.unused):
+        q.disable_quant()
+        q.enable_calib()
+    g = torch.Generator().manual_seed(0)
+    model.per_tensor(torch.randn(4, 8, generator=g).bfloat16())
+    model.per_channel(torch.randn(6, 8, generator=g) * torch.arange(1, 7).view(6, 1))
+    before = {n: getattr(model, n)._calibrator._calib_amax.clone() for n in ("per_tensor", "per_channel")}
+    dp = DataParallel(rank=0, world_size=1, local_rank=0, backend="gloo")
+    with mock.patch.object(DataParallel, "gather", lambda self, obj: [obj]), \
+            mock.patch.object(DataParallel, "all_reduce_max", lambda self, t: None):
+        summary = reduce_max_statistics(model, dp)
+    assert summary == {"quantizers_reduced": 2, "missing_on_some_rank": 0, "never_calibrated": 1}
+    for name, amax in before.items():
+        after = getattr(model, name)._calibrator._calib_amax
+        assert after.dtype == amax.dtype and after.shape == amax.shape and torch.equal(after, amax), name
+    assert before["per_tensor"].dtype == torch.bfloat16 and before["per_channel"].shape == (6, 1)
+    assert model.unused._calibrator._calib_amax is None
+
+
 def test_nproc_bad_combinations_exit_2(capsys, tmp_path):
     rc = cli.main(["quantize", "--nproc", "2", "--device-map", "auto", "--model", SPEC, "--out", str(tmp_path / "o")])
     assert rc == 2
@@ -140,6 +192,9 @@ def test_nproc_bad_combinations_exit_2(capsys, tmp_path):
         rc = cli.main(["quantize", "--nproc", "2", "--device", "cuda", "--model", SPEC, "--out", str(tmp_path / "o")])
         assert rc == 2
         assert "only 0 CUDA device(s) are visible" in capsys.readouterr().err
+    rc = cli.main(["quantize", "--max-memory", "0=1GiB", "--model", SPEC, "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "--max-memory 0=1GiB: sets the per-GPU budget of --device-map" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -156,102 +211,11 @@ def test_launcher_passes_the_same_options_to_the_ranks():
 
 
 # ---------------------------------------------------------------------------------------------
-# Two gloo ranks, for real
-
-
-def _calib_folder(tmp_path: Path) -> Path:
-    # 20 samples -> 18 calibrate (2 held out), batches of 3 -> 6 batches, 3 per rank. The first 5
-    # samples take expert b: all in rank 0's batches, so rank 1 never calibrates b.
-    folder = tmp_path / "calib"
-    CalibrationSet.from_samples(dp_model.calibration_samples(20, routed=5),
-                                {"batching": BATCHING_EXAMPLES, "source": {"kind": "test", "description": "dp"}}
-                                ).save(folder)
-    return folder
-
-
-def _quantize_cmd(calib: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "quantkit", "quantize", "--model", SPEC, "--calib", str(calib), "--recipe",
-            "int8-smoothquant", "--batch-size", "3", "--device", "cpu", "--out", str(out), "-q", *extra]
-
-
-def _single_process_state(calib: Path, rank0_only: bool = False) -> dict[str, torch.Tensor]:
-    from quantkit.models import load_model
-    from quantkit.recipe import load_recipe
-
-    loaded, recipe = load_model(SPEC), load_recipe("int8-smoothquant")
-    calib_part, _ = ptq.split_calibration(CalibrationSet.open(calib), recipe)
-    if rank0_only:
-        calib_part = calib_part.subset(range(9))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank runs
-    try:
-        ptq.quantize_model(loaded, recipe, calib_part, dtype="fp32", device=torch.device("cpu"), batch_size=3)
-    finally:
-        torch.set_num_threads(threads)
-    return loaded.model.state_dict()
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_give_the_single_process_state_bit_for_bit(tmp_path):
-    calib = _calib_folder(tmp_path)
-    out = tmp_path / "out"
-    proc = subprocess.run(_quantize_cmd(calib, out, "--nproc", "2"), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    report = json.loads((out / "report.json").read_text())
-    dp = report["data_parallel"]
-    assert dp["world_size"] == 2 and dp["backend"] == "gloo" and dp["samples"] == 18
-    assert [(s["rank"], s["batches"], s["samples"]) for s in dp["shards"]] == [(0, 3, 9), (1, 3, 9)]
-    (calibration_pass,) = dp["passes"]  # SmoothQuant calibrates once
-    assert [r["samples"] for r in calibration_pass["ranks"]] == [9, 9]
-    assert calibration_pass["quantizers_reduced"] == 6  # input + weight of up, a, b
-    assert calibration_pass["missing_on_some_rank"] == 1  # b.input_quantizer: rank 1 never routed there
-    assert report["calibration"]["calibration_samples"] == 18
-
-    saved = torch.load(out / ptq.STATE_FILE, weights_only=False)["model_state_dict"]
-    single = _single_process_state(calib)
-    assert sorted(saved) == sorted(single)
-    for name in single:  # amax, SmoothQuant's pre_quant_scale and the smoothed weights alike
-        assert torch.equal(saved[name], single[name]), f"{name}: 2 ranks {saved[name]} vs 1 process {single[name]}"
-    assert saved["b.input_quantizer._amax"].numel() == 1 and saved["up.input_quantizer._pre_quant_scale"].numel() == 32
-
-    # Rank 1's shard mattered: rank 0's batches alone give other statistics.
-    rank0 = _single_process_state(calib, rank0_only=True)
-    assert not torch.equal(rank0["up.input_quantizer._pre_quant_scale"], single["up.input_quantizer._pre_quant_scale"])
-
-
-@pytest.mark.slow
-def test_a_failing_rank_stops_the_others_and_writes_nothing(tmp_path):
-    calib = _calib_folder(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("an earlier run")
-    proc = subprocess.run(_quantize_cmd(calib, out, "--nproc", "2"), cwd=ROOT, capture_output=True, text=True,
-                          env=_env(QUANTKIT_DP_FAIL_RANK="1"), timeout=240)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("RankFailure: rank 1 of 2 failed: QuantkitError: injected failure on rank 1"), last
-    assert "the other ranks were stopped" in last and f"{out} is as it was" in last
-    assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
-    assert (out / "previous.txt").read_text() == "an earlier run"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "out"]  # no staging folder left behind
-
-
-# ---------------------------------------------------------------------------------------------
 # --device-map
 
 
 def test_device_map_on_cpu_records_the_placement(tmp_path, capsys):
-    calib = _calib_folder(tmp_path)
+    calib = dp_model.save_calibration_set(tmp_path / "calib")
     out = tmp_path / "out"
     rc = cli.main(["quantize", "--model", SPEC, "--calib", str(calib), "--recipe", "fp8", "--batch-size", "3",
                    "--device", "cpu", "--device-map", "auto", "--out", str(out), "-q"])
@@ -299,3 +263,46 @@ def test_guards_survive_accelerate_hooks(tmp_path):
         with torch.no_grad():
             outputs.append(loaded.model(*args, **kwargs))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def _two_gpus():
+    # accelerate computes the map from sizes alone; only quantkit asks how many GPUs there are.
+    return mock.patch("torch.cuda.device_count", return_value=2)
+
+
+def test_auto_map_splits_whole_decoder_layers_within_the_budgets():
+    """--device-map auto --max-memory 0=59MiB,1=59MiB on an 85 MiB decoder: each GPU's budget is below the
+    model, so it is split, by whole decoder layers, and no GPU gets more than its budget."""
+    from accelerate.utils import compute_module_sizes
+
+    from quantkit.placement import fp32_bytes, infer_map, parse_max_memory
+
+    model = dp_model.wide_llama().model
+    total = fp32_bytes(model)
+    budget = parse_max_memory("0=59MiB,1=59MiB")
+    assert total > budget[0] and total > budget[1]
+    with _two_gpus():
+        device_map, memory = infer_map(model, "auto", torch.device("cuda"), budget)
+    assert device_map == {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": "cuda:0",
+                          **{f"model.layers.{i}": "cuda:1" for i in range(2, 6)},
+                          "model.norm": "cuda:1", "model.rotary_emb": "cuda:1", "lm_head": "cuda:1"}
+    sizes = compute_module_sizes(model, dtype=torch.float32)
+    used = {d: sum(sizes[m] for m, dev in device_map.items() if dev == d) for d in ("cuda:0", "cuda:1")}
+    assert sum(used.values()) == total
+    assert used["cuda:0"] <= int(memory["0"]) <= budget[0] and used["cuda:1"] <= int(memory["1"]) <= budget[1], used
+
+    # Sized as FP32 whatever the loaded dtype: the reference run converts the placed model to FP32.
+    with _two_gpus():
+        assert infer_map(model.to(torch.bfloat16), "auto", torch.device("cuda"), budget)[0] == device_map
+
+
+def test_a_model_that_does_not_fit_the_gpus_is_refused_with_the_sizes():
+    from quantkit.placement import infer_map, parse_max_memory
+
+    model = dp_model.wide_llama().model
+    with _two_gpus(), pytest.raises(InputError) as e:
+        infer_map(model, "auto", torch.device("cuda"), parse_max_memory("0=40MiB,1=40MiB"))
+    assert str(e.value).startswith("the model (84.9 MiB in FP32) does not fit the GPUs' 80.0 MiB for weights, of "
+                                   "which accelerate keeps 14.9 MiB (its largest layer) free on the first GPU"), e.value
+    with _two_gpus(), pytest.raises(InputError, match=r"--max-memory names GPU\(s\) \[2\], but 2 are visible"):
+        infer_map(model, "auto", torch.device("cuda"), {0: 2**30, 2: 2**30})

@@ -156,7 +156,7 @@ def test_fp8_export_is_standard_onnx_with_named_dynamic_io(tmp_path):
     (out,) = ort_outputs(tmp_path / "model.onnx", {"x": x2.numpy()})
     assert out.shape == (3, 5, 16)
     c = cosine(ref2, out)
-    assert c >= 0.9999, f"ORT vs fake-quant cosine {c}"
+    assert c >= 0.9999, f"ORT vs fake-quant cosine {c}"  # 1.0000000 measured (FP32, no rounding flip)
 
 
 def test_int8_weights_fold_to_int8_initializers(tmp_path):
@@ -204,8 +204,14 @@ def test_fp16_model_fp8_export_runs_in_fp16(tmp_path):
     matmuls = [n for n in full.graph.node if n.op_type == "MatMul"]
     assert matmuls and all(index.dtype(n.output[0]) == FLOAT16 for n in matmuls)
     assert full.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, "io_dtype fp32: output cast back"
-    (out,) = ort_outputs(tmp_path / "model.onnx", {"x": x.float().numpy()})
-    assert cosine(ref, out) >= 0.999
+    from quantkit.runtime.onnxruntime import OnnxRuntimeRunner
+
+    # The runner rounds every FP16 tensor as written (ONNX Runtime's CPU fallbacks would skip roundings).
+    runner = OnnxRuntimeRunner(tmp_path / "model.onnx")
+    out = runner.run({"x": x.float()})["y"].numpy()
+    c = cosine(ref, out)
+    # 0.99996 measured; residual: FP16 Q/DQ scales (amax/448 rounded to FP16) vs ModelOpt's FP32 scales.
+    assert c >= 0.9999, f"ORT vs fake-quant cosine {c}"
 
 
 def test_default_opset_and_axes():

@@ -170,7 +170,7 @@ def test_weights_activations_overrides():
 def test_default_thresholds():
     assert load_recipe("fp16").default_cosine_min() == 0.999
     assert load_recipe("fp8").default_cosine_min() == 0.99
-    assert load_recipe("balanced").default_cosine_min() == 0.98
+    assert load_recipe("balanced").default_cosine_min() == 0.95
     assert load_recipe("nvfp4").default_cosine_min() == 0.97  # set in the recipe
 
 

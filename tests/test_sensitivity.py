@@ -1,6 +1,7 @@
-"""Sensitivity: units, quantizer switches, and the acceptance test on the Llama-architecture built-in
+"""Sensitivity: units, quantizer switches, and the acceptance tests on the Llama-architecture built-in
 model: `quantkit sensitivity` ranks llama-tiny's layers by damage, and its suggested recipe (which
-`extends:` fp8), quantized afresh, reaches the target cosine that the full fp8 recipe misses."""
+`extends:` the analysed one, balanced or fp8), quantized afresh, reaches the target cosine that the
+full recipe misses."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from quantkit import console
 from quantkit.cli import main
 
 TARGET = 0.998  # fp8 on llama-tiny with 16 samples: 0.9945 with every layer quantized
+BALANCED_TARGET = 0.99  # the CLI's default; balanced on llama-tiny with 16 samples: 0.9865 with every layer quantized
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +72,50 @@ def test_llama_tiny_suggestion_reaches_the_target(tmp_path, capsys):
     assert cos >= TARGET, f"suggested recipe cosine {cos}"
     assert cos == pytest.approx(result["reached_cosine"], abs=1e-6)
     assert q.passed
+
+
+def test_balanced_on_llama_tiny_suggestion_applied_with_quantize_reaches_the_target(tmp_path, capsys):
+    """The issue's case through the CLI: sensitivity --recipe balanced, then quantize --recipe <the suggestion>."""
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "--recipe", "balanced", "--model", "llama-tiny", "--max-samples", "16",
+                 "--granularity", "layer", "--device", "cpu", "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "sensitivity.json").read_text())
+    assert result["target_cosine"] == BALANCED_TARGET
+    # 12 NVFP4 MLP linears + 16 FP8 attention projections (lm_head and embeddings FP16) + the FP8 attention matmuls.
+    ranking = result["ranking"]
+    assert len(ranking) == 29 and sum(u["attention"] for u in ranking) == 1
+    damages = [u["damage"] for u in ranking]
+    assert damages == sorted(damages, reverse=True) and damages[0] > 5 * damages[-1] > 0
+    assert result["full_cosine"] == pytest.approx(0.9865, abs=1e-3)
+    assert result["full_cosine"] < BALANCED_TARGET <= result["reached_cosine"], result["steps"]
+    assert 1 <= len(result["keep"]) <= 6 and result["reached"] is True
+    keep = set(result["keep"])
+    assert keep <= {u["unit"] for u in ranking[:6]}, "what is kept comes from the top of the ranking"
+    heldout = result["heldout_samples"]
+    assert result["samples"] == 16 and 1 <= heldout < 16
+    assert (f"keeping {len(keep)} layer(s) in higher precision reaches {BALANCED_TARGET} "
+            f"({result['reached_cosine']:.6f} on {heldout} held-out of 16 samples)") in " ".join(printed.split())
+
+    # Applied as a recipe override: the YAML extends balanced, and `quantize --recipe` on it reaches the target.
+    suggestion = out / "suggested-recipe.yaml"
+    data = yaml.safe_load(suggestion.read_text())
+    assert data["extends"] == "balanced" and data["name"] == "balanced-sensitive"
+    assert f"on {heldout} held-out of 16 samples" in suggestion.read_text().splitlines()[1]
+    assert sorted(data["rules"][0]["match"]) == sorted(keep) and data["rules"][0]["precision"] == "skip"
+    run = tmp_path / "run"
+    assert main(["quantize", "--recipe", str(suggestion), "--model", "llama-tiny", "--max-samples", "16",
+                 "--device", "cpu", "--out", str(run), "-q"]) == 0
+    plan = {row["name"]: row["precision"] for row in json.loads((run / "plan.json").read_text())["layers"]}
+    assert all(plan[name] == "skip" for name in keep)
+    assert sum(p == "nvfp4" for p in plan.values()) + sum(p == "fp8" for p in plan.values()) == 28 - len(keep)
+    report = json.loads((run / "report.json").read_text())
+    cos = report["metrics"]["fake-quant"]["logits"]["cosine"]
+    assert cos >= BALANCED_TARGET, f"suggested recipe cosine {cos}"
+    assert cos == pytest.approx(result["reached_cosine"], abs=1e-6)
+    assert report["recipe"]["name"] == "balanced-sensitive" and report["passed"] is True
+    assert report["coverage"]["by_precision"]["unquantized"]["layers"] == len(keep)
+    assert report["calibration"]["heldout_samples"] == heldout, "quantize evaluates on the same held-out samples"
 
 
 def test_units_and_switches_on_the_tiny_model(tmp_path):

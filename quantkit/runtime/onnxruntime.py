@@ -3,8 +3,9 @@
 ONNX Runtime cannot run TensorRT's custom ops, so `verification_copy()` rewrites them with standard
 ONNX (opset 21+): the dynamic NVFP4 quantizer `trt::TRT_FP4DynamicQuantize` and its two
 DequantizeLinear become the same arithmetic in plain ops (block max, FP8-rounded block scale, E2M1
-rounding), FP4 weights that the CPU provider cannot dequantize are decoded to float, and BF16 (which
-the CPU provider barely implements) is computed in FP32. Sessions run with graph optimizations off:
+rounding), FP4 weights that the CPU provider cannot dequantize are decoded to float, and FP16/BF16
+graphs are computed in FP32 with every 16-bit tensor explicitly rounded to its 16-bit type (the CPU
+provider lacks most 16-bit kernels and silently skips roundings between its FP32 fallbacks). Sessions run with graph optimizations off:
 ONNX Runtime 1.32's optimizer gave wrong results on FP8 Q/DQ graphs already at level BASIC.
 """
 
@@ -139,26 +140,69 @@ def _fold_fp4_weight_dq(model: onnx.ModelProto) -> int:
     return len(added)
 
 
-def _bf16_to_fp32(model: onnx.ModelProto) -> int:
-    """Every BF16 tensor, initializer, Cast and constant in FP32 (ONNX Runtime's CPU provider lacks BF16 kernels)."""
+_HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# Ops that only move or select values: their 16-bit outputs are already rounded, no rounding pair needed.
+_MOVE_OPS = {"Constant", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice",
+             "Gather", "GatherElements", "Concat", "Split", "Shape", "Size"}
+
+
+def _half_to_fp32(model: onnx.ModelProto) -> int:
+    """Every FP16/BF16 initializer, Cast target, constant and graph I/O type in FP32 (values are exact)."""
     changed = 0
     for t in model.graph.initializer:
-        if t.data_type == TensorProto.BFLOAT16:
+        if t.data_type in _HALF:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
             changed += 1
     for node in model.graph.node:
         for a in node.attribute:
-            if a.name == "to" and a.i == TensorProto.BFLOAT16:
+            if a.name == "to" and a.i in _HALF:
                 a.i = TensorProto.FLOAT
                 changed += 1
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.BFLOAT16:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _HALF:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
                 changed += 1
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if vi.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+        if vi.type.tensor_type.elem_type in _HALF:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
             changed += 1
     return changed
+
+
+def _half_emulated_in_fp32(model: onnx.ModelProto) -> dict[int, int]:
+    """Compute a FP16/BF16 graph in FP32, rounding every 16-bit tensor as the graph has it written.
+
+    ONNX Runtime's CPU provider has few 16-bit kernels: it wraps the others in Casts to FP32 and then
+    removes the Cast pairs between neighbours, so a chain of FP16 ops runs in FP32 with no rounding
+    in between (Add(Add(a, b), c) rounded once): the graph as written is not what runs. Here each
+    16-bit output of a computing node gets an explicit Cast(to 16-bit) -> Cast(FLOAT) pair, which
+    ONNX Runtime keeps with optimizations off. Returns {16-bit type: tensors rounded}.
+    """
+    from quantkit.export.graph import infer_dtypes
+
+    types = infer_dtypes(model)
+    _half_to_fp32(model)
+    taken = {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer}
+    counts: dict[int, int] = {}
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type in _MOVE_OPS:
+            continue
+        for i, name in enumerate(node.output):
+            half = types.get(name)
+            if not name or half not in _HALF:
+                continue
+            raw, narrow = f"{name}/verify_fp32", f"{name}/verify_rounded"
+            if raw in taken or narrow in taken:
+                raise ValueError(f"{name}: cannot name the rounding of this tensor ({raw} exists)")
+            taken |= {raw, narrow}
+            node.output[i] = raw
+            nodes.append(helper.make_node("Cast", [raw], [narrow], to=half, name=f"{name}/verify_round"))
+            nodes.append(helper.make_node("Cast", [narrow], [name], to=TensorProto.FLOAT, name=f"{name}/verify_widen"))
+            counts[half] = counts.get(half, 0) + 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return counts
 
 
 def verification_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -203,11 +247,14 @@ def verification_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     folded = _fold_fp4_weight_dq(out)
     if folded:
         notes.append(f"{folded} FP4 weights dequantized to float (the CPU provider has no FLOAT4E2M1 DequantizeLinear)")
-    if any(t.data_type == TensorProto.BFLOAT16 for t in out.graph.initializer) or any(
-            vi.type.tensor_type.elem_type == TensorProto.BFLOAT16 for vi in [*out.graph.input, *out.graph.output]) or any(
-            a.name == "to" and a.i == TensorProto.BFLOAT16 for n in out.graph.node for a in n.attribute):
-        _bf16_to_fp32(out)
-        notes.append("BF16 computed in FP32 (the CPU provider has almost no BF16 kernels)")
+    if any(t.data_type in _HALF for t in out.graph.initializer) or any(
+            vi.type.tensor_type.elem_type in _HALF for vi in [*out.graph.input, *out.graph.output]) or any(
+            a.name == "to" and a.i in _HALF for n in out.graph.node for a in n.attribute):
+        del out.graph.value_info[:]
+        for half, count in sorted(_half_emulated_in_fp32(out).items()):
+            name = {TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}[half]
+            notes.append(f"{name} computed in FP32 with each of {count} {name} tensors rounded to {name} "
+                         "(the CPU provider would skip the roundings between its FP32 fallback kernels)")
     used = {n.domain for n in out.graph.node}
     imports = [o for o in out.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
     for o in imports:

@@ -128,3 +128,24 @@ def test_model_matches_modelopt_fake_quant_eager_and_compiled():
     assert got.device.type == "cpu" and torch.isfinite(got).all()
     # BF16 rounding of the fake-quant dequantization is the only difference.
     assert _cos(got, want.cpu()) >= 0.999, f"cosine {_cos(got, want.cpu())}"
+
+
+def test_compare_runs_torch_fp8_like_the_other_runtimes(tmp_path):
+    """`quantkit compare OUT --runtime torch-fp8 --device cuda`: the FP8 GEMMs agree with fake quant."""
+    from quantkit import calib, ptq
+    from quantkit.compare import compare
+    from tests.test_export import tiny_model, write_recipe
+    from quantkit.recipe import load_recipe
+
+    loaded = tiny_model()
+    recipe = load_recipe(write_recipe(tmp_path, "fp8"))
+    result = ptq.quantize(loaded, recipe, calib.synthetic_set(loaded, n=20, seed=0), dtype="bf16", device="cuda",
+                          batch_size=4, per_layer=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    ptq.save_run(result, out, loaded.spec, "bf16")
+    cmp = compare(out, against="fake-quant", runtimes=["torch-fp8"], device="cuda")
+    assert cmp.runtimes["torch-fp8"].ran, cmp.runtimes["torch-fp8"].describe()
+    assert cmp.runtimes["torch-fp8"].samples == 2
+    for name, m in cmp.metrics["torch-fp8"].items():
+        assert m.finite and m.cosine >= 0.999, (name, m.cosine)

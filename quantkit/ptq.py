@@ -8,9 +8,11 @@ evaluates on held-out samples against the FP32 reference; `save_run()` writes th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
+import io
 import json
 import time
 from pathlib import Path
@@ -261,7 +263,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
         forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
                                                progress=not console.is_quiet())
     with torch.no_grad():
-        mtq.quantize(loaded.model, config, forward_loop)
+        # ModelOpt prints its own progress lines ("Inserted N quantizers", SmoothQuant counts) to
+        # stdout; --quiet means quiet.
+        with contextlib.redirect_stdout(io.StringIO()) if console.is_quiet() else contextlib.nullcontext():
+            mtq.quantize(loaded.model, config, forward_loop)
         finish_histogram_calibration(loaded.model, plan)
     problems = _check_quantizers_reached(loaded.model, plan) + attention.verify_attention(
         loaded.model, [attention.AttentionConversion(**a) for a in plan.attention])

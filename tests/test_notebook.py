@@ -93,6 +93,7 @@ def test_demo_run_writes_the_three_reports_and_gates_its_exit_code(demo_run):
     verdict = proc.stdout.strip().splitlines()[-1]
     assert verdict.startswith("PASSED" if report["passed"] else "FAILED: fake-quant/last_hidden_state: cosine ")
     assert f"results in {out}/ (report.json, report.md, report.html" in verdict
+    assert "Inserted" not in proc.stdout  # ModelOpt's own prints are silenced under -q
     assert report["recipe"]["name"] == "balanced" and report["model"]["spec"] == "minilm"
     assert report["calibration"]["samples_total"] == 16 and report["calibration"]["synthetic"] is False
     # balanced sets no threshold: the gate is the stated default for a recipe with NVFP4 (0.95).

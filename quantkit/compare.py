@@ -202,9 +202,12 @@ def _open_onnxruntime(run, out_dir: Path, device: torch.device) -> _GraphRuntime
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise RuntimeUnavailable(f"onnxruntime is not installed ({e})") from None
-    from quantkit.runtime.onnxruntime import OnnxRuntimeRunner
+    from quantkit.runtime.onnxruntime import OnnxRuntimeRunner, UnsupportedGraph
 
-    return _GraphRuntime(OnnxRuntimeRunner(path), run.loaded)
+    try:
+        return _GraphRuntime(OnnxRuntimeRunner(path), run.loaded)
+    except UnsupportedGraph as e:  # e.g. TensorRT custom ops: not something ORT can check
+        raise RuntimeUnavailable(str(e)) from None
 
 
 def _open_tensorrt(run, out_dir: Path, device: torch.device) -> _GraphRuntime:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from quantkit import console
-from quantkit.errors import CalibrationError, InputError, QuantkitError
+from quantkit.errors import CalibrationError, InputError, PlanError, QuantkitError
 from quantkit.models import DTYPES, LoadedModel, load_model
 from quantkit.plan import Plan, make_plan
 from quantkit.recipe import FORMATS, Precision, Recipe, load_recipe
@@ -251,6 +251,13 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
     from quantkit.modelopt_config import build_quant_config
 
     plan = prepare(loaded, recipe, dtype, device, strict=strict)
+    wants_qdq = bool(recipe.precisions_used() & {Precision.NVFP4, Precision.FP8, Precision.INT8})
+    if wants_qdq and not plan.quantized_layers() and not any(a["converted"] and a["quantizers"] for a in plan.attention):
+        # A quantizing recipe that reaches nothing would "pass" with cosine 1.0 and MSE 0: the number
+        # that means nothing. (A recipe without Q/DQ, like fp16, is not asked to quantize.)
+        raise PlanError(f"recipe {recipe.name} quantizes no layer of {loaded.spec} (its quantizing rules match none of "
+                        f"the model's {len(plan.layers)} Linear/Conv/Embedding layers, and no attention was converted); "
+                        f"see `quantkit plan --recipe {recipe.name} --model {loaded.spec}` and add rules that match")
     enable_cpu_nvfp4_if_needed(plan, device)
     config = build_quant_config(plan)
     if data_parallel is not None:

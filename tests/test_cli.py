@@ -101,6 +101,56 @@ def test_model_from_python_file(tmp_path):
     assert {r["precision"] for r in plan["layers"]} == {"fp8"}
 
 
+def test_model_file_with_positional_example_and_two_outputs(tmp_path):
+    # A bare tensor example was fed as `input=` (TypeError for forward(self, x)), and only the first of
+    # several outputs was evaluated and exported.
+    from quantkit.models import load_model
+
+    f = tmp_path / "twohead.py"
+    f.write_text(textwrap.dedent("""\
+        import torch
+        from torch import nn
+        class TwoHead(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 1)
+            def forward(self, x):
+                h = self.body(x)
+                return self.a(h), self.b(h)
+        def make():
+            return TwoHead(), torch.randn(2, 8)
+        def make_tuple():
+            return TwoHead(), (torch.randn(2, 8), torch.randn(2, 8))
+        """))
+    loaded = load_model(f"{f}:make")
+    assert loaded.input_names == ["x"] and loaded.output_names == ["output_0", "output_1"]
+    outs = loaded.run(loaded.example_inputs)
+    assert {k: tuple(v.shape) for k, v in outs.items()} == {"output_0": (2, 3), "output_1": (2, 1)}
+    code, out, err = run_cli("plan", "--recipe", "fp8", "--model", f"{f}:make_tuple")
+    assert code == 2 and "2 example inputs" in err and "takes 1" in err, err
+
+
+def test_quantizing_recipe_that_reaches_no_layer_is_refused(tmp_path):
+    # fp8 quantizes Linear layers; a conv-only model would otherwise "pass" with cosine 1.0 and MSE 0.
+    f = tmp_path / "convnet.py"
+    f.write_text(textwrap.dedent("""\
+        import torch
+        from torch import nn
+        def make():
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)), \\
+                torch.randn(1, 3, 16, 16)
+        """))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("from before")
+    code, _, err = run_cli("quantize", "--recipe", "fp8", "--model", f"{f}:make", "--synthetic", "--max-samples", "8",
+                           "--device", "cpu", "--out", str(out), "-q")
+    assert code == 2, err
+    assert "PlanError: recipe fp8 quantizes no layer of" in err and "quantkit plan --recipe fp8" in err
+    assert "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # nothing destroyed
+
+
 def test_recipes_lists_shipped():
     code, out, err = run_cli("recipes")
     assert code == 0

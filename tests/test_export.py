@@ -328,3 +328,79 @@ def test_export_cli_writes_graph_audit_and_reference(run_dir, tmp_path):
     assert json.loads((out / "audit.json").read_text())["passed"] is True
     report = json.loads((out / "report.json").read_text())
     assert report["onnxruntime_vs_fake_quant"]["y"]["cosine"] >= 0.9999
+
+
+# ---------------------------------------------------------------------------------------------
+# user models: Conv stems, nn.Sequential MLPs, FP8 only on the attention matmuls
+
+
+class ConvStemNet(nn.Module):
+    """Conv patch stem (left unquantized by the recipes below), SDPA attention, nn.Sequential MLP."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 2, 2)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, image):
+        h = self.stem(image).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(h).reshape(h.shape[0], h.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
+        h = h + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return h + self.mlp(h)
+
+
+def _export_conv_stem(tmp: Path, linear: str):
+    from quantkit import ptq
+    from quantkit.export.onnx_export import export_model
+    from quantkit.models import LoadedModel
+    from quantkit.recipe import load_recipe
+
+    torch.manual_seed(0)
+    loaded = LoadedModel(spec="conv-stem", model=ConvStemNet().eval(), input_names=["image"], output_names=["y"])
+    recipe = tmp / "r.yaml"
+    recipe.write_text(f"name: r\ndefault: skip\nrules:\n  - types: [Linear]\n    precision: {linear}\n"
+                      "attention: {precision: fp8}\n")
+    data = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    class Calib:
+        def forward_loop(self, **_):
+            return lambda m: [m(x) for x in data]
+
+    plan = ptq.quantize_model(loaded, load_recipe(recipe), Calib(), dtype="fp32", device=torch.device("cpu"),
+                              batch_size=2)
+    x = data[0]
+    export_model(loaded.model, {"image": x}, tmp / "model.onnx", input_names=["image"], output_names=["y"],
+                 model_dtype="fp32", weights_dtype="fp32", opset=19, dynamic_axes={})
+    with torch.no_grad():
+        ref = loaded.model(x).numpy()
+    return plan, onnx.load(str(tmp / "model.onnx")).graph, ref, x
+
+
+def test_unquantized_conv_keeps_its_weights_and_sequential_layers_audit_clean(tmp_path):
+    # ModelOpt's FP8 post-processing gave every Conv weight FP8 Q/DQ, planned or not; and the audit read
+    # `/model/mlp/mlp.0/Gemm` (nn.Sequential's scope naming) as module `mlp.mlp.0`, not in the plan.
+    from quantkit.export.audit import audit
+
+    plan, graph, ref, x = _export_conv_stem(tmp_path, "fp8")
+    producers = {o: n for n in graph.node for o in n.output}
+    (conv,) = [n for n in graph.node if n.op_type == "Conv"]
+    assert conv.input[1] not in producers or producers[conv.input[1]].op_type != "DequantizeLinear"
+    result = audit(tmp_path / "model.onnx", plan.to_dict())
+    assert result.violations == [], result.violations
+    fp8 = sorted(c["module"] for c in result.compute if c.get("weights") == "fp8")
+    assert {"mlp.0", "mlp.2", "qkv"} <= set(fp8), fp8
+    (out,) = ort_outputs(tmp_path / "model.onnx", {"image": x.numpy()})
+    c = cosine(ref, out)
+    assert c >= 0.9999, f"ORT vs fake-quant cosine {c}"
+
+
+def test_fp8_only_on_attention_matmuls_exports_standard_qdq(tmp_path):
+    # No Linear is FP8 (NVFP4 needs a GPU, so: skip); ModelOpt then skipped its FP8 post-processing and left
+    # trt::TRT_FP8 custom ops that ONNX Runtime cannot load.
+    plan, graph, ref, x = _export_conv_stem(tmp_path, "skip")
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, sorted({n.op_type for n in graph.node if n.domain})
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 3  # q, k, v (+ softmax output)
+    (out,) = ort_outputs(tmp_path / "model.onnx", {"image": x.numpy()})
+    c = cosine(ref, out)
+    assert c >= 0.999, f"ORT vs fake-quant cosine {c}"

@@ -160,3 +160,19 @@ def test_nvfp4_export_keeps_trt_form_and_runs_on_ort(tmp_path):
     m = compare(torch.from_numpy(ref), out)
     # ModelOpt computes NVFP4 MatMuls in FP16 even in an FP32 graph: FP16 rounding, not Q/DQ differences.
     assert m.cosine >= 0.999, f"ORT vs fake-quant cosine {m.cosine}"
+
+
+def test_custom_ops_are_an_unsupported_graph_not_a_crash(tmp_path):
+    """A TensorRT custom op has no ONNX Runtime kernel: a named UnsupportedGraph that export and compare
+    turn into "reference skipped" / "not available", instead of a traceback."""
+    from quantkit.runtime.onnxruntime import UnsupportedGraph
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    node = helper.make_node("TRT_SomethingCustom", ["x"], ["y"], domain="trt")
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 19), helper.make_opsetid("trt", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    with pytest.raises(UnsupportedGraph, match="ONNX Runtime cannot run trt::TRT_SomethingCustom"):
+        OnnxRuntimeRunner(path)

@@ -301,7 +301,9 @@ def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict
     for c in compute:
         if c["kind"] != "activation-activation":
             continue
-        entry = next((a for a in conversions if _within(c["module"], a.get("name", ""))), None)
+        # The innermost conversion holding the matmul; "" is attention computed by the model's top module.
+        entry = max((a for a in conversions if a.get("name") == "" or _within(c["module"], a.get("name", ""))),
+                    key=lambda a: len(a.get("name", "")), default=None)
         added = [fmt for fmt in c["operands"] if fmt]
         exporter = any(dq for dq in exporter_added if _operand_dq_is(index, c["node"], dq))
         row = {"node": c["node"], "module": c["module"], "operands": c["operands"], "dtype": c["dtype"],

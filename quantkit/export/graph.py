@@ -137,10 +137,32 @@ def module_of_name(node_name: str, scope_prefix: str = "") -> str:
     parts = [p for p in node_name.split("/") if p]
     if len(parts) <= 1:
         return ""
-    module = ".".join(parts[:-1])
+    module = ".".join(_join_scopes(parts[:-1]))
     if scope_prefix and (module == scope_prefix or module.startswith(scope_prefix + ".")):
         module = module[len(scope_prefix) + 1:]
     return module
+
+
+def _join_scopes(scopes: list[str]) -> list[str]:
+    """Scope names -> the atoms of the dotted module name.
+
+    The TorchScript exporter names each called module by the tail of its qualified name from the
+    last non-numeric atom on (torch.onnx's `_unqualified_variable_name`): a ModuleList element
+    (never called itself) is `layers.0`, but an nn.Sequential is called, so `mlp` is a scope and
+    its child `mlp.0` another one (`/model/mlp/mlp.0/Gemm`). A scope that repeats the end of the
+    path so far continues it instead of nesting under it.
+    """
+    atoms: list[str] = []
+    for scope in scopes:
+        parts = scope.split(".")
+        overlap = 0
+        if len(parts) > 1:  # only `name.<index>...` scopes can repeat their container
+            for k in range(min(len(parts) - 1, len(atoms)), 0, -1):
+                if atoms[-k:] == parts[:k]:
+                    overlap = k
+                    break
+        atoms.extend(parts[overlap:])
+    return atoms
 
 
 def guess_scope_prefix(model: onnx.ModelProto) -> str:

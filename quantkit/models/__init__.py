@@ -224,14 +224,49 @@ def from_callable(spec: str) -> LoadedModel:
         raise ModelSpecError(f"{spec}: must return an nn.Module, (nn.Module, example_inputs) or a "
                              f"quantkit.models.LoadedModel, got {type(result).__name__}")
     if isinstance(example, torch.Tensor):
-        example = {"input": example}
+        example = (example,)
+    if isinstance(example, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example):
+        # Inputs are passed by keyword: name positional ones after forward's parameters.
+        params = _positional_params(result)
+        if len(params) < len(example):
+            raise ModelSpecError(f"{spec}: {len(example)} example inputs, but {type(result).__name__}.forward "
+                                 f"takes {len(params)} named tensor argument(s); return a dict of name -> tensor")
+        example = dict(zip(params, example))
     if example is not None and not isinstance(example, Mapping):
-        raise ModelSpecError(f"{spec}: example_inputs must be a tensor or a dict of name -> tensor")
+        raise ModelSpecError(f"{spec}: example_inputs must be a tensor, a tuple of tensors or a dict of name -> tensor")
     example = dict(example) if example is not None else None
     input_names = list(example) if example else []
     result.eval()
-    return LoadedModel(spec=spec, model=result, input_names=input_names, output_names=["output"],
-                       example_inputs=example)
+    loaded = LoadedModel(spec=spec, model=result, input_names=input_names, output_names=["output"],
+                         example_inputs=example)
+    if example:
+        loaded.output_names = _output_names(spec, result, example)
+    return loaded
+
+
+def _positional_params(module: nn.Module) -> list[str]:
+    import inspect
+
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds]
+
+
+def _output_names(spec: str, module: nn.Module, example: dict[str, Any]) -> list[str]:
+    """`output` for one tensor; `output_0..n` for a tuple; the keys of a dict: every output is evaluated."""
+    try:
+        with torch.no_grad():
+            result = module(**example)
+    except Exception as e:
+        raise ModelSpecError(f"{spec}: the model fails on its own example inputs: {type(e).__name__}: {e}") from None
+    if isinstance(result, Mapping):
+        return [k for k, v in result.items() if isinstance(v, torch.Tensor)]
+    if isinstance(result, (tuple, list)) and len(result) > 1:
+        return [f"output_{i}" for i, v in enumerate(result) if isinstance(v, torch.Tensor)]
+    return ["output"]
 
 
 def load_model(spec: str | None = None) -> LoadedModel:

@@ -45,6 +45,10 @@ class _Namer:
                 return name
 
 
+class UnsupportedGraph(ValueError):
+    """The graph holds ops ONNX Runtime cannot run (e.g. TensorRT custom ops): no reference here."""
+
+
 def _const(nodes: list, namer: _Namer, value, dtype=np.float32) -> str:
     name = namer("const")
     nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, dtype=dtype))))
@@ -266,7 +270,7 @@ def verification_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     del out.graph.value_info[:]
     custom = sorted({f"{n.domain}::{n.op_type}" for n in out.graph.node if n.domain not in ("", "ai.onnx")})
     if custom:
-        raise ValueError(f"ONNX Runtime cannot run {', '.join(custom)}; no standard-op equivalent is known")
+        raise UnsupportedGraph(f"ONNX Runtime cannot run {', '.join(custom)}; no standard-op equivalent is known")
     return out, notes
 
 

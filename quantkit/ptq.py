@@ -239,8 +239,11 @@ def split_calibration(calibration, recipe: Recipe):
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: str, device: torch.device,
-                   batch_size: int, strict: bool = False, data_parallel=None) -> Plan:
+                   batch_size: int, strict: bool = False, data_parallel=None, allow_nothing: bool = False) -> Plan:
     """prepare + mtq.quantize on `calib_part`, in place; checks that the quantizers match the plan.
+
+    A quantizing recipe that reaches no layer is a PlanError unless `allow_nothing` (sensitivity's
+    check of a suggestion that keeps every layer wide).
 
     With `data_parallel` (a quantkit.distributed.DataParallel) this rank calibrates its shard of
     `calib_part` and the statistics are reduced across ranks (the same amax as one process).
@@ -252,7 +255,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
 
     plan = prepare(loaded, recipe, dtype, device, strict=strict)
     wants_qdq = bool(recipe.precisions_used() & {Precision.NVFP4, Precision.FP8, Precision.INT8})
-    if wants_qdq and not plan.quantized_layers() and not any(a["converted"] and a["quantizers"] for a in plan.attention):
+    if wants_qdq and not allow_nothing and not plan.quantized_layers() and not any(a["converted"] and a["quantizers"] for a in plan.attention):
         # A quantizing recipe that reaches nothing would "pass" with cosine 1.0 and MSE 0: the number
         # that means nothing. (A recipe without Q/DQ, like fp16, is not asked to quantize.)
         raise PlanError(f"recipe {recipe.name} quantizes no layer of {loaded.spec} (its quantizing rules match none of "

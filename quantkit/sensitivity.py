@@ -261,7 +261,8 @@ def analyse(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration,
         fresh = make_loaded()
         suggestion = keep_recipe(recipe, keep, keep_attention)
         fresh.model.to(device=device, dtype=torch.float32)
-        ptq.quantize_model(fresh, suggestion, calib_part, dtype=dtype, device=device, batch_size=batch_size)
+        ptq.quantize_model(fresh, suggestion, calib_part, dtype=dtype, device=device, batch_size=batch_size,
+                           allow_nothing=True)  # a suggestion may keep every unit wide
         outputs = ptq.run_outputs(fresh, fresh.model, heldout, batch_size, device, dtype, "verify suggestion")
         verified = _worst_cosine(ptq.compare_runs(reference, outputs))
         steps.append({"kept_units": len(kept), "verified": True, "cosine": verified})

@@ -182,3 +182,13 @@ def test_shipped_recipe_configs_pass_mtq_quantize(name):
         assert amax is not None and torch.all(amax > 0), qname
     if name == "fp16":
         assert enabled == set()
+
+
+def test_balanced_puts_fused_qkv_projections_in_fp8():
+    # ViT/DiT blocks often fuse q, k and v into one `qkv` Linear outside any module named attn.
+    block = nn.Module()
+    block.qkv, block.mlp = nn.Linear(32, 96), nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    model = nn.Module()
+    model.blocks = nn.ModuleList([block])
+    rows = {r.name: str(r.precision) for r in make_plan(model, load_recipe("balanced")).layers}
+    assert rows == {"blocks.0.qkv": "fp8", "blocks.0.mlp.0": "nvfp4", "blocks.0.mlp.2": "nvfp4"}

@@ -43,6 +43,8 @@ def _types_match(rule: Rule, module: nn.Module) -> bool:
     if not rule.types:
         return True
     names = set(_class_names(module))
+    if "Conv1D" in names:  # transformers' GPT-2 Conv1D is a Linear with its weight stored transposed
+        names.add("Linear")
     qualified = {f"{c.__module__}.{c.__name__}" for c in type(module).__mro__}
     return any(t in names or t in qualified for t in rule.types)
 

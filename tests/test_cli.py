@@ -156,3 +156,19 @@ def test_recipes_lists_shipped():
     assert code == 0
     for n in ("balanced", "fp8", "nvfp4", "int8-smoothquant", "fp16"):
         assert n in out
+
+
+def test_hf_image_model_folder_gets_a_pixel_values_example(tmp_path):
+    # An image model folder has no tokenizer: its example input (export, --synthetic) comes from its config.
+    from transformers import ViTConfig, ViTModel
+
+    from quantkit.models import load_model
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+                    patch_size=16, num_channels=3)
+    ViTModel(cfg).save_pretrained(tmp_path / "vit")
+    loaded = load_model(str(tmp_path / "vit"))
+    assert loaded.input_names == ["pixel_values"] and loaded.output_names == ["last_hidden_state"]
+    assert tuple(loaded.example_inputs["pixel_values"].shape) == (1, 3, 32, 32)
+    out = loaded.run(loaded.example_inputs)["last_hidden_state"]
+    assert tuple(out.shape) == (1, 5, 32)  # 4 patches + CLS

@@ -192,3 +192,19 @@ def test_balanced_puts_fused_qkv_projections_in_fp8():
     model.blocks = nn.ModuleList([block])
     rows = {r.name: str(r.precision) for r in make_plan(model, load_recipe("balanced")).layers}
     assert rows == {"blocks.0.qkv": "fp8", "blocks.0.mlp.0": "nvfp4", "blocks.0.mlp.2": "nvfp4"}
+
+
+def test_linear_rules_cover_gpt2_conv1d():
+    # transformers' GPT-2 Conv1D is a linear layer (weight stored (in, out)); `types: [Linear]` must reach it,
+    # or balanced quantizes nothing of GPT-2 but its attention matmuls.
+    from transformers.pytorch_utils import Conv1D
+
+    block = nn.Module()
+    block.attn, block.mlp = nn.Module(), nn.Module()
+    block.attn.c_attn, block.mlp.c_fc, block.mlp.c_proj = Conv1D(96, 32), Conv1D(128, 32), Conv1D(32, 128)
+    model = nn.Module()
+    model.h = nn.ModuleList([block])
+    plan = make_plan(model, load_recipe("balanced"))
+    rows = {r.name: str(r.precision) for r in plan.layers}
+    assert rows == {"h.0.attn.c_attn": "fp8", "h.0.mlp.c_fc": "nvfp4", "h.0.mlp.c_proj": "nvfp4"}
+    assert next(r for r in plan.layers if r.name == "h.0.mlp.c_proj").shape == [128, 32]  # (in, out) as stored

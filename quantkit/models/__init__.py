@@ -175,11 +175,20 @@ def hf_folder(folder: str | Path, spec: str | None = None) -> LoadedModel:
     input_names = ["input_ids", "attention_mask"]
     if tokenizer is not None and "token_type_ids" in getattr(tokenizer, "model_input_names", []):
         input_names.append("token_type_ids")
+    example = None
     if tokenizer is None:
         input_names = []
+        size = getattr(config, "image_size", None)  # ViT, SigLIP/CLIP vision towers, DINOv2, Swin, ...
+        if size is not None:
+            # An image model: one N(0,1) image of the configured size is its example (export, --synthetic);
+            # real calibration images come from `quantkit collect` on an image folder.
+            h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+            channels = getattr(config, "num_channels", 3)
+            input_names = ["pixel_values"]
+            example = {"pixel_values": torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(0))}
     output_names = ["logits"] if causal else ["last_hidden_state"]
     return LoadedModel(spec=spec, model=model, input_names=input_names, output_names=output_names,
-                       tokenizer=tokenizer, family=getattr(config, "model_type", "hf"))
+                       example_inputs=example, tokenizer=tokenizer, family=getattr(config, "model_type", "hf"))
 
 
 def _import_callable(spec: str) -> Callable[..., Any]:

@@ -93,11 +93,6 @@ class Comparison:
         return rows
 
 
-def recipe_thresholds(recipe) -> Thresholds:
-    """The recipe's gate: its cosine_min (or the default for its precisions) and its SNR floor."""
-    return Thresholds(cosine_min=recipe.default_cosine_min(), snr_min_db=recipe.thresholds.snr_min_db)
-
-
 # ---------------------------------------------------------------------------------------------
 # The output folder
 
@@ -310,7 +305,7 @@ def compare(out_dir: str | Path, *, against: str = "fp32", runtimes: Sequence[st
     if max_samples and len(heldout) > max_samples:
         heldout = heldout.subset(range(max_samples))
     batch_size = batch_size or run.recipe.calibration.batch_size
-    thresholds = recipe_thresholds(run.recipe)
+    thresholds = Thresholds.of_recipe(run.recipe)
 
     # fp32 always runs: the report's metrics are against it, whatever --against says.
     names = ["fp32"] + [n for n in CANDIDATES if n in wanted or n == against]

@@ -129,6 +129,11 @@ class Thresholds:
         ):
             raise ValueError(f"snr_min_db must be a finite number or None, got {self.snr_min_db!r}")
 
+    @classmethod
+    def of_recipe(cls, recipe) -> "Thresholds":
+        """A recipe's gate: its cosine_min (or the default for its precisions) and its SNR floor."""
+        return cls(cosine_min=recipe.default_cosine_min(), snr_min_db=recipe.thresholds.snr_min_db)
+
     def to_dict(self) -> dict[str, Any]:
         return {"cosine_min": self.cosine_min, "snr_min_db": self.snr_min_db}
 

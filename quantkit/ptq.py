@@ -238,6 +238,18 @@ def split_calibration(calibration, recipe: Recipe):
     return calib_part, heldout
 
 
+def _check_something_is_quantized(plan: Plan, recipe: Recipe, model_spec: str) -> None:
+    """A quantizing recipe that reaches nothing would "pass" with cosine 1.0 and MSE 0: the number
+    that means nothing. (A recipe without Q/DQ, like fp16, is not asked to quantize.)"""
+    if not any(FORMATS[p].quantized for p in recipe.precisions_used()):
+        return
+    if plan.quantized_layers() or any(a["converted"] and a["quantizers"] for a in plan.attention):
+        return
+    raise PlanError(f"recipe {recipe.name} quantizes no layer of {model_spec} (its quantizing rules match none of "
+                    f"the model's {len(plan.layers)} Linear/Conv/Embedding layers, and no attention was converted); "
+                    f"see `quantkit plan --recipe {recipe.name} --model {model_spec}` and add rules that match")
+
+
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: str, device: torch.device,
                    batch_size: int, strict: bool = False, data_parallel=None, allow_nothing: bool = False) -> Plan:
     """prepare + mtq.quantize on `calib_part`, in place; checks that the quantizers match the plan.
@@ -254,13 +266,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
     from quantkit.modelopt_config import build_quant_config
 
     plan = prepare(loaded, recipe, dtype, device, strict=strict)
-    wants_qdq = bool(recipe.precisions_used() & {Precision.NVFP4, Precision.FP8, Precision.INT8})
-    if wants_qdq and not allow_nothing and not plan.quantized_layers() and not any(a["converted"] and a["quantizers"] for a in plan.attention):
-        # A quantizing recipe that reaches nothing would "pass" with cosine 1.0 and MSE 0: the number
-        # that means nothing. (A recipe without Q/DQ, like fp16, is not asked to quantize.)
-        raise PlanError(f"recipe {recipe.name} quantizes no layer of {loaded.spec} (its quantizing rules match none of "
-                        f"the model's {len(plan.layers)} Linear/Conv/Embedding layers, and no attention was converted); "
-                        f"see `quantkit plan --recipe {recipe.name} --model {loaded.spec}` and add rules that match")
+    if not allow_nothing:
+        _check_something_is_quantized(plan, recipe, loaded.spec)
     enable_cpu_nvfp4_if_needed(plan, device)
     config = build_quant_config(plan)
     if data_parallel is not None:
@@ -336,7 +343,7 @@ def build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, 
                  dtype, device) -> dict[str, Any]:
     from quantkit.metrics import Thresholds
 
-    thresholds = Thresholds(cosine_min=recipe.default_cosine_min(), snr_min_db=recipe.thresholds.snr_min_db)
+    thresholds = Thresholds.of_recipe(recipe)
     failures = []
     for name, m in metrics.items():
         failures += m.failures(thresholds, label=f"fake-quant/{name}")

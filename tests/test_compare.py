@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_export import HERE, tiny_model, write_recipe
+from tests.test_export import HERE, save_tiny_run, write_recipe
 
 from quantkit import console
 from quantkit.cli import main
@@ -31,18 +31,7 @@ def _loud_again():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A quantize output folder: tiny model, FP8 linears, 20 synthetic samples (2 held out)."""
-    from quantkit import calib, ptq
-    from quantkit.recipe import load_recipe
-
-    tmp = tmp_path_factory.mktemp("compare")
-    loaded = tiny_model()
-    recipe = load_recipe(write_recipe(tmp, "fp8"))
-    result = ptq.quantize(loaded, recipe, calib.synthetic_set(loaded, n=20, seed=0), dtype="fp32", device="cpu",
-                          batch_size=4, per_layer=False)
-    out = tmp / "out"
-    out.mkdir()
-    ptq.save_run(result, out, loaded.spec, "fp32")
-    return out
+    return save_tiny_run(tmp_path_factory.mktemp("compare"), "fp8", samples=20)
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,21 @@ def write_recipe(folder: Path, precision: str, extra: str = "") -> Path:
     return path
 
 
+def save_tiny_run(tmp: Path, precision: str, samples: int, dtype: str = "fp32", device: str = "cpu") -> Path:
+    """A `quantize` output folder (tmp/out): the tiny model under the tiny recipe, synthetic samples."""
+    from quantkit import calib, ptq
+    from quantkit.recipe import load_recipe
+
+    loaded = tiny_model()
+    recipe = load_recipe(write_recipe(tmp, precision))
+    result = ptq.quantize(loaded, recipe, calib.synthetic_set(loaded, n=samples, seed=0), dtype=dtype, device=device,
+                          batch_size=4, per_layer=False)
+    out = tmp / "out"
+    out.mkdir()
+    ptq.save_run(result, out, loaded.spec, dtype)
+    return out
+
+
 def quantize_tiny(precision: str, tmp: Path, dtype: str = "fp32"):
     """(loaded, plan) with mtq.quantize on a few random batches, as ptq does it."""
     from quantkit import ptq
@@ -236,18 +251,7 @@ def test_default_opset_and_axes():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from quantkit import calib, ptq
-    from quantkit.recipe import load_recipe
-
-    tmp = tmp_path_factory.mktemp("run")
-    loaded = tiny_model()
-    recipe = load_recipe(write_recipe(tmp, "fp8"))
-    calibration = calib.synthetic_set(loaded, n=10, seed=0)
-    result = ptq.quantize(loaded, recipe, calibration, dtype="fp32", device="cpu", batch_size=4, per_layer=False)
-    out = tmp / "out"
-    out.mkdir()
-    ptq.save_run(result, out, loaded.spec, "fp32")
-    return out
+    return save_tiny_run(tmp_path_factory.mktemp("run"), "fp8", samples=10)
 
 
 def test_export_run_writes_model_and_export_json(run_dir):

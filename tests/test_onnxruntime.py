@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.test_export import tiny_model, write_recipe
+from tests.test_export import save_tiny_run
 
 from quantkit.runtime import Runner
 from quantkit.runtime.onnxruntime import OnnxRuntimeRunner, verification_copy
@@ -104,18 +104,9 @@ def test_half_graph_rounds_every_tensor_like_pytorch(tmp_path, half):
 
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
-    from quantkit import calib, ptq
     from quantkit.export.onnx_export import export_run
-    from quantkit.recipe import load_recipe
 
-    tmp = tmp_path_factory.mktemp("ortrun")
-    loaded = tiny_model()
-    recipe = load_recipe(write_recipe(tmp, "int8"))
-    calibration = calib.synthetic_set(loaded, n=20, seed=0)
-    result = ptq.quantize(loaded, recipe, calibration, dtype="fp32", device="cpu", batch_size=4, per_layer=False)
-    out = tmp / "out"
-    out.mkdir()
-    ptq.save_run(result, out, loaded.spec, "fp32")
+    out = save_tiny_run(tmp_path_factory.mktemp("ortrun"), "int8", samples=20)
     export_run(out)
     return out
 

@@ -132,18 +132,10 @@ def test_model_matches_modelopt_fake_quant_eager_and_compiled():
 
 def test_compare_runs_torch_fp8_like_the_other_runtimes(tmp_path):
     """`quantkit compare OUT --runtime torch-fp8 --device cuda`: the FP8 GEMMs agree with fake quant."""
-    from quantkit import calib, ptq
     from quantkit.compare import compare
-    from tests.test_export import tiny_model, write_recipe
-    from quantkit.recipe import load_recipe
+    from tests.test_export import save_tiny_run
 
-    loaded = tiny_model()
-    recipe = load_recipe(write_recipe(tmp_path, "fp8"))
-    result = ptq.quantize(loaded, recipe, calib.synthetic_set(loaded, n=20, seed=0), dtype="bf16", device="cuda",
-                          batch_size=4, per_layer=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    ptq.save_run(result, out, loaded.spec, "bf16")
+    out = save_tiny_run(tmp_path, "fp8", samples=20, dtype="bf16", device="cuda")
     cmp = compare(out, against="fake-quant", runtimes=["torch-fp8"], device="cuda")
     assert cmp.runtimes["torch-fp8"].ran, cmp.runtimes["torch-fp8"].describe()
     assert cmp.runtimes["torch-fp8"].samples == 2

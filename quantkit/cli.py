@@ -89,6 +89,8 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from quantkit import launch, ptq
 
+    if args.nproc is not None and args.nproc < 1:
+        raise InputError(f"--nproc {args.nproc}: needs a count >= 1 (processes to calibrate on)")
     if args.max_memory and not args.device_map:
         raise InputError(f"--max-memory {args.max_memory}: sets the per-GPU budget of --device-map; add "
                          "--device-map auto (or leave --max-memory out)")

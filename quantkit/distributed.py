@@ -30,12 +30,13 @@ single-process numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -138,6 +139,7 @@ class DataParallel:
     device: torch.device | None = None
     # Filled by the forward loop: per-rank timings and the reduction summary, for report.json.
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _sharded: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_env(cls) -> "DataParallel | None":
@@ -204,31 +206,40 @@ class DataParallel:
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
+        """A collective that breaks because another rank died: this rank stops with a PeerFailure."""
+        import torch.distributed as dist
+
+        try:
+            yield
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise PeerFailure(f"{self.label} stopped: another rank failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
-        try:
+        with self._collective():
             dist.all_gather_object(out, obj)
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise PeerFailure(f"{self.label} stopped: another rank failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
         return out
 
     def all_reduce_max(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
 
-        try:
+        with self._collective():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise PeerFailure(f"{self.label} stopped: another rank failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
     # -- calibration ---------------------------------------------------------------------------
 
     def shards(self, calib_part: "CalibrationSet", batch_size: int) -> tuple[list[list[int]], list[RankShard]]:
-        groups = calib_part.batch_groups(batch_size)
-        return groups, shard_batches([len(g) for g in groups], self.world_size)
+        """The set's batches and this job's split of them; computed once per set (batch_groups reads
+        every sample), then reused by the summary, the forward loop and the report."""
+        if self._sharded is None or self._sharded[0] is not calib_part or self._sharded[1] != batch_size:
+            groups = calib_part.batch_groups(batch_size)
+            self._sharded = (calib_part, batch_size, groups, shard_batches([len(g) for g in groups], self.world_size))
+        return self._sharded[2], self._sharded[3]
 
     def forward_loop(self, calib_part: "CalibrationSet", *, batch_size: int, device: torch.device | str,
                      dtype: torch.dtype | None, progress: bool = True) -> Callable[["nn.Module"], None]:

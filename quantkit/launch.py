@@ -107,11 +107,9 @@ def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from quantkit.ptq import _default_out
+    from quantkit.ptq import output_folder
 
     n = args.nproc
-    if n is None or n < 1:
-        raise InputError(f"--nproc {n}: needs a count >= 1")
     if args.device_map:
         raise InputError("--device-map places one copy of the model over several GPUs in one process; --nproc runs "
                          "one copy per GPU: use one or the other")
@@ -124,7 +122,7 @@ def launch(args: argparse.Namespace) -> int:
                              "needs one GPU (or calibrate on --device cpu)")
     elif device != "cpu":
         raise InputError(f"--device {device}: use cpu or cuda")
-    out = Path(args.out) if args.out else _default_out(args.recipe, args.model)
+    out = output_folder(args)
     existed = out.exists()
     argv = ["-m", "quantkit", "quantize", *_argv_from_args(args, drop={"nproc", "device"}), "--device", device]
     status = Path(tempfile.mkdtemp(prefix="quantkit-dp-"))
@@ -261,7 +259,6 @@ def _terminate_raises() -> Iterator[None]:
 def _quantize_rank(args: argparse.Namespace, dp) -> int:
     from quantkit import console, ptq
     from quantkit.models import load_model
-    from quantkit.outdir import OutputFolder
     from quantkit.recipe import load_recipe
 
     if args.device_map:
@@ -284,7 +281,7 @@ def _quantize_rank(args: argparse.Namespace, dp) -> int:
     device = dp.resolve_device(args.device)
     dp.init(device)
     dtype = args.dtype or "fp32"
-    out = Path(args.out) if args.out else ptq._default_out(args.recipe, args.model)
+    out = ptq.output_folder(args)
     info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} · "
          f"{dp.world_size} ranks ({dp.backend}, rank 0 on {device})")
     loaded = load_model(args.model)
@@ -293,8 +290,7 @@ def _quantize_rank(args: argparse.Namespace, dp) -> int:
     batch_size = args.batch_size or recipe.calibration.batch_size
     calib_part, _ = ptq.split_calibration(calibration, recipe)
     _, shards = dp.shards(calib_part, batch_size)
-    info(f"calibration: {len(calibration)} samples from {calibration.info().get('source')}"
-         + (" (SYNTHETIC)" if calibration.synthetic else "")
+    info(ptq.calibration_summary(calibration)
          + f"; {len(calib_part)} calibrate, in batches of {batch_size}: "
          + ", ".join(f"rank {s.rank} {s.samples} ({len(s.batches)} batches)" for s in shards))
     if not dp.is_main:
@@ -312,9 +308,8 @@ def _quantize_rank(args: argparse.Namespace, dp) -> int:
          + ", ".join(f"rank {r['rank']}: {r['samples']} in {r['forward_s']:.2f} s" for r in last.get("ranks", []))
          + f"); statistics of {last.get('quantizers_reduced', 0)} quantizers reduced in {last.get('reduce_s', 0):.3f} s")
     # Every collective is done: the other ranks may already have exited. Only now is anything written.
-    with _terminate_raises(), OutputFolder.staged(out) as tmp:
-        ptq.save_run(result, tmp, loaded.spec, dtype)
-    ptq.show_result(result, out)
+    with _terminate_raises():
+        ptq.write_run(result, out, loaded.spec, dtype)
     code = 0 if result.passed else 1
     _write_status(dp.rank, {"kind": "result", "exit_code": code, "out": str(out)})
     dp.close()

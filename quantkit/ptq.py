@@ -446,13 +446,30 @@ def _default_out(recipe: str, model: str | None) -> Path:
     return Path("runs") / f"{Path(recipe).stem}-{model_name}"
 
 
-def quantize_cli(args) -> QuantizeResult:
+def output_folder(args) -> Path:
+    """--out, else runs/<recipe>-<model>."""
+    return Path(args.out) if args.out else _default_out(args.recipe, args.model)
+
+
+def calibration_summary(calibration) -> str:
+    return (f"calibration: {len(calibration)} samples from {calibration.info().get('source')}"
+            + (" (SYNTHETIC)" if calibration.synthetic else ""))
+
+
+def write_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str) -> None:
+    """Save the run into `out` atomically (staged, then renamed), then print its tables and verdict."""
     from quantkit.outdir import OutputFolder
 
+    with OutputFolder.staged(out) as tmp:
+        save_run(result, tmp, model_spec, dtype)
+    show_result(result, out)
+
+
+def quantize_cli(args) -> QuantizeResult:
     recipe = load_recipe(args.recipe)
     device = resolve_device(args.device)
     dtype = args.dtype or "fp32"
-    out = Path(args.out) if args.out else _default_out(args.recipe, args.model)
+    out = output_folder(args)
     console.info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} on {device}")
     loaded = load_model(args.model)
     placement = None
@@ -464,8 +481,7 @@ def quantize_cli(args) -> QuantizeResult:
         device = torch.device(placement.main_device)
         console.info(f"placed over {', '.join(placement.bytes_per_device)} ({args.device_map})")
     calibration = open_calibration(loaded, args.calib, args.synthetic, args.max_samples or recipe.calibration.max_samples)
-    console.info(f"calibration: {len(calibration)} samples from {calibration.info().get('source')}"
-                 + (" (SYNTHETIC)" if calibration.synthetic else ""))
+    console.info(calibration_summary(calibration))
     from quantkit.placement import is_dispatched
 
     # per_layer keeps an FP32 copy of the model: not for one placed over several GPUs.
@@ -474,9 +490,7 @@ def quantize_cli(args) -> QuantizeResult:
     if placement is not None:
         result.report["placement"] = placement.to_dict()
     # Staged only now: a run that fails or is killed while calibrating leaves nothing on disk.
-    with OutputFolder.staged(out) as tmp:
-        save_run(result, tmp, loaded.spec, dtype)
-    show_result(result, out)
+    write_run(result, out, loaded.spec, dtype)
     return result
 
 

@@ -195,6 +195,10 @@ def test_nproc_bad_combinations_exit_2(capsys, tmp_path):
     rc = cli.main(["quantize", "--max-memory", "0=1GiB", "--model", SPEC, "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "--max-memory 0=1GiB: sets the per-GPU budget of --device-map" in capsys.readouterr().err
+    for n in ("0", "-1"):  # not silently one process
+        rc = cli.main(["quantize", "--nproc", n, "--model", SPEC, "--out", str(tmp_path / "o")])
+        assert rc == 2
+        assert f"--nproc {n}: needs a count >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -391,8 +391,11 @@ def runtime_recipe():
     from quantkit.recipe import AttentionSpec, ProtectSpec, load_recipe
 
     base = load_recipe("fp8")
+    # The output head stays in the model's own BF16 (the recipe's FP16 head would add a cast of the
+    # logits that the BF16 baseline does not pay: 1.6 ms at 8x2048).
+    rules = [r.model_copy(update={"precision": "bf16"}) if str(r.precision) == "fp16" else r for r in base.rules]
     return base.model_copy(update={"name": "fp8-linears", "attention": AttentionSpec(precision="skip"),
-                                   "protect": ProtectSpec(softmax=False)})
+                                   "protect": ProtectSpec(softmax=False), "rules": rules})
 
 
 def gemm_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -434,6 +437,7 @@ def kernel_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
         fn()
         sync()
     totals = {"gemm": 0.0, "attention": 0.0, "triton_fused": 0.0, "other": 0.0}
+    top: dict[str, list[tuple[float, str, int]]] = {k: [] for k in totals}
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None)
         if us is None:
@@ -450,11 +454,30 @@ def kernel_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
         else:
             kind = "other"
         totals[kind] += us / 1e3
-    return {k: round(v, 3) for k, v in totals.items()}
+        top[kind].append((us / 1e3, ev.key[:90], ev.count))
+    out: dict[str, Any] = {k: round(v, 3) for k, v in totals.items()}
+    # the largest kernels of each kind: what the time is spent on, by name (ms, calls)
+    out["top"] = {k: [[name, round(ms, 3), n] for ms, name, n in sorted(v, reverse=True)[:4]] for k, v in top.items()}
+    return out
 
 
 def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -> dict[str, Any]:
+    """FP8 (torch._scaled_mm) against BF16 on the decoder, side by side in one interleaved loop: the
+    layers as the model defines them, and q/k/v and gate/up each joined into one GEMM (the same
+    fusion on both sides, quantkit.runtime.fusion), all compiled the same way."""
+    import copy
+    import dataclasses
+
+    import torch._dynamo
+
     from quantkit import ptq
+    from quantkit.runtime.fusion import fuse_bf16_linears
+
+    # Six models share one decoder-layer code object, each compiled for two shapes: past dynamo's
+    # default limit of 8 the rest would silently run eager. Raise it, and fail loudly if it is hit.
+    for name, value in (("recompile_limit", 64), ("fail_on_recompile_limit_hit", True)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, value)
     from quantkit.runtime.torch_fp8 import TorchFP8Runner, compile_model, fp8_weight_bytes
 
     out: dict[str, Any] = {"recipe": "fp8 linears (attention and softmax in the SDPA kernel, BF16)",
@@ -480,73 +503,104 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
     with torch.inference_mode():
         fake_quant_first = quant.model(**inputs[first]).logits.float()
 
-    runner = TorchFP8Runner(quant, compile=False, device=device, dtype=torch.bfloat16)
+    def fused_fp8_runner():
+        r = TorchFP8Runner(dataclasses.replace(quant, model=copy.deepcopy(quant.model)), compile=False, fuse=True,
+                           device=device, dtype=torch.bfloat16)
+        r.fuse(inputs[first])
+        return r
+
+    def fused_bf16():
+        model = copy.deepcopy(base.model)
+        fuse_bf16_linears(model, lambda: model(**inputs[first]))
+        return model
+
+    fused_runner, graph_runner = fused_fp8_runner(), fused_fp8_runner()
+    base_fused, base_graph = fused_bf16(), fused_bf16()
+    runner = TorchFP8Runner(quant, compile=False, fuse=False, device=device, dtype=torch.bfloat16)
     out["fp8_linears"] = runner.converted
     out["not_converted"] = [f"{n}: {r}" for n, r in runner.skipped]
     out["fp8_model_bytes"] = fp8_weight_bytes(runner.model)
+    out["fused_groups"] = {"fp8": len(fused_runner.fused), "first": fused_runner.fused[:2]}
 
-    def bf16_call(x, **kw):
-        with torch.inference_mode():
-            return base.model(**x, **kw).logits
+    def call(model, graphs: bool = False):
+        def fn(x, **kw):
+            with torch.inference_mode():
+                if graphs:  # a new inference step for CUDA-graph trees
+                    torch.compiler.cudagraph_mark_step_begin()
+                return model(**x, **kw).logits
+        return fn
 
-    def fp8_call(x, **kw):
-        with torch.inference_mode():
-            return runner.model(**x, **kw).logits
+    variants = {"bf16": call(base.model), "fp8": call(runner.model),
+                "bf16 fused": call(base_fused), "fp8 fused": call(fused_runner.model),
+                "bf16 fused graphs": call(base_graph, True), "fp8 fused graphs": call(graph_runner.model, True)}
+    pairs = (("compiled", "bf16", "fp8"), ("compiled, fused q/k/v + gate/up", "bf16 fused", "fp8 fused"),
+             ("compiled + CUDA graphs, fused", "bf16 fused graphs", "fp8 fused graphs"))
+
+    def rows_for(mode_suffix: str, shape, t, outputs) -> list[dict[str, Any]]:
+        rows = []
+        reference = outputs["bf16"]
+        for mode, b, f in pairs:
+            rows.append({"mode": mode + mode_suffix, "shape": list(shape), "tokens": shape[0] * shape[1],
+                         "bf16_ms": t[b]["median_ms"], "fp8_ms": t[f]["median_ms"],
+                         "bf16_p10_p90": [t[b]["p10_ms"], t[b]["p90_ms"]],
+                         "fp8_p10_p90": [t[f]["p10_ms"], t[f]["p90_ms"]], "runs": t[f]["runs"],
+                         "speedup": round(t[b]["median_ms"] / t[f]["median_ms"], 3),
+                         "cosine_vs_bf16": round(cosine(outputs[f], reference), 6),
+                         "finite": bool(torch.isfinite(outputs[f]).all())})
+        rows[1]["fused_over_separate"] = {"bf16": round(t["bf16"]["median_ms"] / t["bf16 fused"]["median_ms"], 3),
+                                         "fp8": round(t["fp8"]["median_ms"] / t["fp8 fused"]["median_ms"], 3)}
+        return rows
 
     results: list[dict[str, Any]] = []
     with stage_memory(out, "peak_gpu_gib_runtime"):
-        # eager, both sides
+        # eager, the layers as the model defines them
         for shape in s["shapes"]:
             x = inputs[shape]
-            t = time_interleaved({"bf16": lambda: bf16_call(x), "fp8": lambda: fp8_call(x)},
+            t = time_interleaved({"bf16": lambda: variants["bf16"](x), "fp8": lambda: variants["fp8"](x)},
                                  iters=max(3, s["iters"] // 2), rounds=1)
             results.append({"mode": "eager", "shape": list(shape), "tokens": shape[0] * shape[1],
                             "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
                             "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3)})
-        with torch.inference_mode():
-            fp8_first = fp8_call(inputs[first]).float()
+        fp8_first = variants["fp8"](inputs[first]).float()
         out["fp8_eager_vs_fake_quant_cosine"] = round(cosine(fp8_first, fake_quant_first), 6)
+        out["fused_vs_separate_fp8_eager_cosine"] = round(cosine(variants["fp8 fused"](inputs[first]).float(), fp8_first), 6)
         del fake_quant_first, fp8_first
         # compiled the same way: each decoder layer torch.compile'd (static shapes), the rest eager
         compile_model(base.model)
+        compile_model(base_fused)
+        compile_model(base_graph, mode="reduce-overhead")
         runner.compile()
+        fused_runner.compile()
+        graph_runner.compile(mode="reduce-overhead")
         for shape in s["shapes"]:
             if budget.left() < 60:
                 results.append({"mode": "compiled", "shape": list(shape), "skipped": "budget"})
                 continue
             x = inputs[shape]
-            for name, fn in (("bf16", bf16_call), ("fp8", fp8_call)):
+            for name, fn in variants.items():
                 t0 = time.perf_counter()
                 fn(x)
                 sync()
                 out.setdefault("compile_s", {})[f"{name} {shape[0]}x{shape[1]}"] = round(time.perf_counter() - t0, 1)
-            t = time_interleaved({"bf16": lambda: bf16_call(x), "fp8": lambda: fp8_call(x)},
+            t = time_interleaved({name: (lambda fn=fn: fn(x)) for name, fn in variants.items()},
                                  iters=s["iters"], rounds=s["rounds"])
-            a, b = bf16_call(x), fp8_call(x)
-            row = {"mode": "compiled", "shape": list(shape), "tokens": shape[0] * shape[1],
-                   "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
-                   "bf16_p10_p90": [t["bf16"]["p10_ms"], t["bf16"]["p90_ms"]],
-                   "fp8_p10_p90": [t["fp8"]["p10_ms"], t["fp8"]["p90_ms"]], "runs": t["fp8"]["runs"],
-                   "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3),
-                   "cosine_vs_bf16": round(cosine(b, a), 6), "finite": bool(torch.isfinite(b).all())}
-            del a, b
-            results.append(row)
+            outputs = {name: fn(x).clone() for name, fn in variants.items()}
+            results.extend(rows_for("", shape, t, outputs))
+            del outputs
         # prefill as generate() runs it: logits of the last position only
         last = s["shapes"][-1]
         if budget.left() > 45:
             x = inputs[last]
-            t = time_interleaved({"bf16": lambda: bf16_call(x, logits_to_keep=1),
-                                  "fp8": lambda: fp8_call(x, logits_to_keep=1)}, iters=s["iters"], rounds=s["rounds"])
-            a, b = bf16_call(x, logits_to_keep=1), fp8_call(x, logits_to_keep=1)
-            results.append({"mode": "compiled, last-token logits", "shape": list(last), "tokens": last[0] * last[1],
-                            "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
-                            "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3),
-                            "cosine_vs_bf16": round(cosine(b, a), 6), "finite": bool(torch.isfinite(b).all())})
-            del a, b
-        if torch.cuda.is_available() and budget.left() > 40:
-            x = inputs[last]
-            out["kernel_ms_" + "x".join(map(str, last))] = {"bf16": kernel_breakdown(lambda: bf16_call(x)),
-                                                            "fp8": kernel_breakdown(lambda: fp8_call(x))}
+            t = time_interleaved({name: (lambda fn=fn: fn(x, logits_to_keep=1)) for name, fn in variants.items()},
+                                 iters=s["iters"], rounds=s["rounds"])
+            outputs = {name: fn(x, logits_to_keep=1).clone() for name, fn in variants.items()}
+            results.extend(rows_for(", last-token logits", last, t, outputs))
+            del outputs
+        for shape in s["shapes"]:
+            if torch.cuda.is_available() and budget.left() > 40:
+                x = inputs[shape]
+                out["kernel_ms_" + "x".join(map(str, shape))] = {
+                    name: kernel_breakdown(lambda fn=fn: fn(x)) for name, fn in variants.items() if "graphs" not in name}
     out["results"] = results
     if budget.left() > 30:
         # The floor: how far BF16 itself is from FP32 on this model and input (FP8 cannot beat it).
@@ -557,7 +611,7 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
             fp32_logits = ref.model(**inputs[first]).logits.float()
         out["bf16_vs_fp32_cosine"] = round(cosine(bf16_logits, fp32_logits), 6)
         del ref, bf16_logits, fp32_logits
-    del runner, base, quant, inputs
+    del runner, fused_runner, graph_runner, base, base_fused, base_graph, quant, inputs, variants
     cleanup()
     return out
 
@@ -650,12 +704,12 @@ def print_tables(report: dict[str, Any]) -> None:
         con.print(t)
         extra = {k: v for k, v in rt.items() if k.startswith("kernel_ms")}
         for k, v in extra.items():
-            con.print(f"{k}: {json.dumps(v)}")
+            con.print(f"{k}: {json.dumps({name: {c: ms for c, ms in kinds.items() if c != 'top'} for name, kinds in v.items()})}")
         con.print(f"FP8 linears {rt.get('fp8_linears')}; weights {mib(rt.get('bf16_weight_bytes'))} MiB BF16 -> "
                   f"{mib(rt.get('fp8_model_bytes', {}).get('total_bytes'))} MiB FP8 runtime; "
                   f"calibrate+quantize {rt.get('calibrate_quantize_s')} s; FP8 eager vs ModelOpt fake quant cosine "
                   f"{rt.get('fp8_eager_vs_fake_quant_cosine')}; BF16 vs FP32 cosine {rt.get('bf16_vs_fp32_cosine')}; "
-                  f"compile s {rt.get('compile_s')}")
+                  f"fused groups {rt.get('fused_groups')}; compile s {rt.get('compile_s')}")
     for e in report.get("errors", []):
         con.print(f"[red]error[/red] {e['stage']}: {e['error']}")
 
@@ -743,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run(f"decoder-ptq:{recipe}", 60, lambda: ptq_stage(
             "decoder", lambda: build_decoder(s["decoder"], device), dec_calib, recipe, s, device, None))
         report["ptq"].append(row or {"model": "decoder", "recipe": recipe, "skipped": "budget/--skip/error"})
+        save()
     # ONNX export of each vision model right after its PTQ, each under a time limit that keeps the
     # decoder export and the final table inside the budget.
     do_export = "vision-onnx" not in args.skip
@@ -751,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             "vision", lambda: build_vision(s["vision"], device), vis_calib, recipe, s, device,
             export_root if do_export else None, lambda: min(120.0, budget.left() - 90)))
         report["ptq"].append(row or {"model": "vision", "recipe": recipe, "skipped": "budget/--skip/error"})
+        save()
 
     def decoder_onnx():
         from quantkit import ptq
@@ -767,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
         return info
 
-    report["decoder_onnx_fp8"] = run("decoder-onnx", 90, decoder_onnx)
+    # Exporting the 2.1 B decoder (external data, over 4 GB) takes minutes, and torch.onnx.export cannot
+    # be interrupted mid-way: start it only with room to finish, or alone (--skip everything else).
+    report["decoder_onnx_fp8"] = run("decoder-onnx", 300, decoder_onnx)
     save()
     print_tables(report)
     print(f"[bench] JSON: {json_path}", flush=True)

@@ -225,3 +225,135 @@ def test_repeated_blocks_are_the_transformer_layers():
     model = Net()
     assert repeated_blocks(model) == list(model.blocks)
     assert repeated_blocks(nn.Sequential(nn.Linear(4, 4))) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Horizontal fusion: q/k/v and gate/up as one GEMM each
+
+
+class AttnMLP(nn.Module):
+    """Sibling projections as transformer code calls them: q/k/v of one tensor, gate/up of another."""
+
+    def __init__(self, d: int = 32, kv: int = 16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv), nn.Linear(kv, d)
+        self.gate, self.up = nn.Linear(d, 64, bias=False), nn.Linear(d, 64, bias=False)
+        self.down = nn.Linear(64, d, bias=False)
+
+    def forward(self, x):
+        scores = torch.softmax(self.q(x)[..., :16] @ self.k(x).transpose(-1, -2), dim=-1)
+        x = x + self.o(scores @ self.v(x))
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList([AttnMLP() for _ in range(n)])
+        self.twice = nn.Linear(32, 32)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.twice(self.twice(x))  # called twice: never fused
+
+
+def _quantized_stack(dtype: torch.dtype = torch.float32) -> Stack:
+    torch.manual_seed(0)
+    model = Stack().to(dtype).eval()
+    data = [x.to(dtype) for x in _data()]
+    with torch.no_grad():
+        mtq.quantize(model, build_quant_config(make_plan(model, RECIPE)), lambda m: [m(x) for x in data])
+    return model
+
+
+SIBLINGS = [[f"layers.{i}.{n}" for n in names] for i in (0, 1) for names in (("q", "k", "v"), ("gate", "up"))]
+
+
+def test_fusion_finds_siblings_reading_one_tensor():
+    from quantkit.runtime.fusion import shared_input_groups
+
+    model = Stack().eval()
+    groups = shared_input_groups(model, lambda: model(torch.randn(2, 3, 32)), lambda m: type(m) is nn.Linear)
+    assert groups == SIBLINGS
+
+
+def test_fused_fp8_groups_compute_what_the_separate_layers_compute():
+    model = _quantized_stack()
+    separate = copy.deepcopy(model)
+    convert_to_fp8(separate)
+    x = _data(1, seed=6)[0]
+    runner = TorchFP8Runner(_loaded(model), compile=False, device="cpu")
+    assert runner.fuse({"x": x}) == SIBLINGS
+    q = model.layers[0].q
+    fused = q.group.fused
+    assert isinstance(fused, FP8Linear) and fused.weight.shape == (64, 32) and fused.weight_scale.shape == (64,)
+    # each joined layer keeps its own weight scale (row-wise), the input is quantized once
+    assert torch.equal(fused.weight_scale[:32], separate.layers[0].q.weight_scale.expand(32))
+    assert torch.equal(fused.weight_scale[32:48], separate.layers[0].k.weight_scale.expand(16))
+    assert torch.equal(fused.weight[48:], separate.layers[0].v.weight)
+    assert isinstance(model.twice, FP8Linear), "a layer called twice is left alone"
+    with torch.no_grad():
+        want = separate(x)
+    got = runner.run({"x": x})["output"]
+    assert got.shape == want.shape == (4, 5, 32)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), f"max abs error {err}"
+    # the group holds no activations between forwards
+    assert q.group.last_input is None and q.group.outputs is None
+
+
+def test_fused_members_stay_right_in_any_call_order():
+    model = _quantized_stack()
+    separate = copy.deepcopy(model)
+    convert_to_fp8(separate)
+    runner = TorchFP8Runner(_loaded(model), compile=False, device="cpu")
+    runner.fuse({"x": _data(1)[0]})
+    a, b = torch.randn(6, 32), torch.randn(6, 32)
+    layer, ref = model.layers[1], separate.layers[1]
+    with torch.no_grad():
+        for member, x in ((layer.v, a), (layer.q, b), (layer.k, a), (layer.v, b), (layer.k, a)):
+            name = member.original_name.rpartition(".")[2]
+            want = getattr(ref, name)(x)
+            assert (member(x) - want).abs().max().item() <= 1e-5 * want.abs().max().item(), name
+
+
+def test_fused_group_is_one_gemm_when_compiled():
+    from torch._inductor.utils import run_and_get_code
+
+    from quantkit.runtime.fusion import fuse_bf16_linears
+
+    torch.manual_seed(0)
+    layer = AttnMLP().eval()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        want = layer(x)
+    assert fuse_bf16_linears(layer, lambda: layer(x)) == [["q", "k", "v"], ["gate", "up"]]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(layer), x)
+    torch._dynamo.reset()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # q/k/v, o, gate/up, down: four GEMMs instead of seven (bias GEMMs are addmm)
+    assert code[0].count("extern_kernels.mm(") + code[0].count("extern_kernels.addmm(") == 4, code[0]
+
+
+def test_bf16_baseline_fuses_a_transformers_decoder_the_same_way():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkit.runtime.fusion import fuse_bf16_linears
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    groups = fuse_bf16_linears(model, lambda: model(input_ids=ids))
+    assert groups == [names for i in (0, 1) for names in ([f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"],
+                                                          [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])]
+    assert model.model.layers[0].self_attn.q_proj.group.fused.weight.shape == (64 + 32 + 32, 64)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()

@@ -53,8 +53,11 @@ def _safe_amax(amax: torch.Tensor) -> torch.Tensor:
 
 def fp8_matmul_reference(x_fp8: torch.Tensor, w_fp8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                          bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """What torch._scaled_mm computes, written out: (x_fp8·scale_a) @ (w_fp8·scale_b)ᵀ + bias in FP32."""
-    out = (x_fp8.float() * scale_a) @ (w_fp8.float() * scale_b).t()
+    """What torch._scaled_mm computes, written out: (x_fp8·scale_a) @ (w_fp8·scale_b)ᵀ + bias in FP32.
+
+    scale_a is a scalar or (M, 1), scale_b a scalar or one scale per output row of w_fp8 ((N,) or (1, N))."""
+    w_scale = scale_b.reshape(-1, 1) if scale_b.numel() > 1 else scale_b
+    out = (x_fp8.float() * scale_a) @ (w_fp8.float() * w_scale).t()
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -65,7 +68,9 @@ class FP8Linear(nn.Module):
 
     weight: (out, in) float8_e4m3fn, row-major, so `weight.t()` is the column-major operand that
     torch._scaled_mm needs on Hopper; weight_scale = amax_w / 448 and input_scale = amax_x / 448
-    (FP32 scalars, from ModelOpt's calibration). Outputs come back in the input's dtype. Moving the
+    (FP32, from ModelOpt's calibration). weight_scale is one scalar, or one scale per output row when
+    the layer is several linears joined (`concat`: q/k/v in one GEMM, each keeping its own weight
+    scale), which runs _scaled_mm's row-wise mode. Outputs come back in the input's dtype. Moving the
     module (`.to(device)`) works; casts (`.to(dtype)`, `.half()`) leave its tensors' dtypes alone.
     """
 
@@ -77,7 +82,10 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear needs a 2-D {FP8_DTYPE} weight, got {weight_fp8.dtype} {tuple(weight_fp8.shape)}")
         self.out_features, self.in_features = weight_fp8.shape
         self.register_buffer("weight", weight_fp8.contiguous())
-        self.register_buffer("weight_scale", weight_scale.detach().float().reshape(()).clone())
+        weight_scale = weight_scale.detach().float()
+        if weight_scale.numel() not in (1, self.out_features):
+            raise ValueError(f"FP8Linear: {weight_scale.numel()} weight scales for {self.out_features} output rows")
+        self.register_buffer("weight_scale", weight_scale.reshape(() if weight_scale.numel() == 1 else (-1,)).clone())
         self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
         inv = 1.0 / self.input_scale if input_inv_scale is None else input_inv_scale.detach().float().reshape(())
         self.register_buffer("input_inv_scale", inv.clone())
@@ -96,6 +104,24 @@ class FP8Linear(nn.Module):
         return cls(weight_fp8, w_amax / FP8_MAX, x_amax / FP8_MAX, bias, use_fast_accum,
                    input_inv_scale=FP8_MAX / x_amax)
 
+    @classmethod
+    def concat(cls, layers: list["FP8Linear"]) -> "FP8Linear | None":
+        """One FP8Linear computing all of `layers` (outputs concatenated), or None when they cannot share
+        one GEMM: it quantizes its input once, so their input scales must be equal (ModelOpt's max
+        calibration gives equal amax to quantizers that see one tensor); each keeps its weight scale."""
+        first = layers[0]
+        if any(not isinstance(m, FP8Linear) for m in layers):
+            return None
+        if any(m.in_features != first.in_features or not torch.equal(m.input_scale, first.input_scale)
+               or m.weight.device != first.weight.device or m.use_fast_accum != first.use_fast_accum
+               or (m.bias is None) != (first.bias is None)
+               or (m.bias is not None and m.bias.dtype != first.bias.dtype) for m in layers):
+            return None
+        scales = torch.cat([m.weight_scale.expand(m.out_features) for m in layers])
+        bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+        return cls(torch.cat([m.weight for m in layers]), scales, first.input_scale, bias, first.use_fast_accum,
+                   input_inv_scale=first.input_inv_scale)
+
     def _apply(self, fn, recurse=True):
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
@@ -108,15 +134,19 @@ class FP8Linear(nn.Module):
         lead = x.shape[:-1]
         x_fp8 = quantize_e4m3(x.reshape(-1, self.in_features), self.input_inv_scale)
         bias = self.bias
+        scale_a, scale_b = self.input_scale, self.weight_scale
+        rowwise = scale_b.dim() == 1
+        if rowwise:  # _scaled_mm's row-wise mode: one FP32 scale per row of x, one per column of the output
+            scale_a, scale_b = scale_a.expand(x_fp8.shape[0], 1).contiguous(), scale_b.reshape(1, -1)
         if x.is_cuda or CPU_SCALED_MM:
-            fused_bias = bias is not None and out_dtype in _SCALED_MM_OUT
-            out = torch._scaled_mm(x_fp8, self.weight.t(), self.input_scale, self.weight_scale,
+            fused_bias = bias is not None and out_dtype in _SCALED_MM_OUT and not rowwise
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a, scale_b,
                                    bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
                                    use_fast_accum=self.use_fast_accum and x.is_cuda)
             if bias is not None and not fused_bias:
                 out = out + bias.to(out_dtype)
         else:
-            out = fp8_matmul_reference(x_fp8, self.weight, self.input_scale, self.weight_scale, bias, out_dtype)
+            out = fp8_matmul_reference(x_fp8, self.weight, scale_a, scale_b, bias, out_dtype)
         return out.reshape(*lead, self.out_features)
 
     def weight_bytes(self) -> int:
@@ -124,7 +154,11 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_scale={self.weight_scale.item():.3e}, input_scale={self.input_scale.item():.3e}")
+                f"weight_scale={self._scale_repr()}, input_scale={self.input_scale.item():.3e}")
+
+    def _scale_repr(self) -> str:
+        w = self.weight_scale
+        return f"{w.item():.3e}" if w.dim() == 0 else f"{w.numel()} row scales {w.min().item():.3e}..{w.max().item():.3e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +317,10 @@ class TorchFP8Runner:
     """A ModelOpt FP8-quantized model run with real FP8 GEMMs in PyTorch: named inputs -> named CPU outputs.
 
     `loaded.model` is converted in place (see convert_to_fp8) and moved to `device` (default: the GPU).
-    With compile (default) the repeated blocks are torch.compile'd, which fuses each layer's input
-    quantization into the op before it. Attention matmuls that the recipe quantized stay ModelOpt
+    With fuse (default), the first batch is also a probe: FP8 linears that read one tensor (q/k/v,
+    gate/up) are joined into one GEMM each (quantkit/runtime/fusion.py). With compile (default) the
+    repeated blocks are then torch.compile'd, which fuses each layer's input quantization into the op
+    before it. Attention matmuls that the recipe quantized stay ModelOpt
     fake-quant (correct numerics, no speed-up); recipes meant for this runtime leave attention to the
     SDPA kernel. Floating inputs are cast to the model's dtype.
     """
@@ -292,7 +328,8 @@ class TorchFP8Runner:
     name = "torch-fp8"
 
     def __init__(self, loaded, compile: bool = True, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, use_fast_accum: bool = True, regional: bool = True):
+                 dtype: torch.dtype | None = None, use_fast_accum: bool = True, regional: bool = True,
+                 fuse: bool = True):
         self.loaded = loaded
         model = loaded.model
         if device is None:
@@ -314,15 +351,29 @@ class TorchFP8Runner:
                              "FP8 recipe (e.g. --recipe fp8) first")
         self.skipped = [(n, r) for n, r in fp8_conversion_plan(model) if r]
         self.model: nn.Module = model
+        self.fused: list[list[str]] | None = None if fuse else []
         self.compiled = False
-        if compile:
-            self.compile(regional=regional)
+        self._compile_pending = {"regional": regional} if compile else None
+
+    def fuse(self, inputs: Mapping[str, torch.Tensor]) -> list[list[str]]:
+        """Join FP8 linears that read one tensor into one GEMM each, found by one eager forward of
+        `inputs`; returns the fused groups. Must come before compile (the graphs would be traced twice)."""
+        from quantkit.runtime.fusion import fuse_shared_input_linears
+
+        if self.fused is None:
+            if self.compiled:
+                raise RuntimeError("TorchFP8Runner.fuse: fuse before compiling")
+            prepared = self._prepare(inputs)
+            self.fused = fuse_shared_input_linears(self.model, lambda: self.model(**prepared),
+                                                   fusable=lambda m: isinstance(m, FP8Linear), concat=FP8Linear.concat)
+        return self.fused
 
     def compile(self, regional: bool = True, **compile_kwargs: Any) -> None:
         """torch.compile the converted model (see compile_model); the first run of each shape compiles."""
         if not self.compiled:
             self.model = compile_model(self.model, regional=regional, **compile_kwargs)
             self.compiled = True
+        self._compile_pending = None
 
     def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -332,10 +383,14 @@ class TorchFP8Runner:
             out[name] = t
         return out
 
-    @torch.inference_mode()
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One batch, outputs left on the device (for timing)."""
-        return self.loaded.named_outputs(self.model(**self._prepare(inputs)))
+        """One batch, outputs left on the device (for timing). The first one fuses and compiles."""
+        if self.fused is None:
+            self.fuse(inputs)  # outside inference mode: the joined weights are ordinary tensors
+        if self._compile_pending is not None:
+            self.compile(**self._compile_pending)
+        with torch.inference_mode():
+            return self.loaded.named_outputs(self.model(**self._prepare(inputs)))
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.forward(inputs).items()}

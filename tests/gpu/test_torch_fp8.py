@@ -141,3 +141,48 @@ def test_compare_runs_torch_fp8_like_the_other_runtimes(tmp_path):
     assert cmp.runtimes["torch-fp8"].samples == 2
     for name, m in cmp.metrics["torch-fp8"].items():
         assert m.finite and m.cosine >= 0.999, (name, m.cosine)
+
+
+class QKV(nn.Module):
+    """Three projections of one tensor (a GQA attention's q/k/v shapes) and an output projection."""
+
+    def __init__(self, d: int = 256, kv: int = 64):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv), nn.Linear(d + 2 * kv, d)
+
+    def forward(self, x):
+        return x + self.o(torch.cat([self.q(x), self.k(x), F.gelu(self.v(x))], dim=-1))
+
+
+def test_fused_qkv_runs_one_rowwise_scaled_mm_matching_the_separate_layers(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(QKV(), QKV()).cuda().to(torch.bfloat16).eval()
+    data = [torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    with torch.no_grad():
+        mtq.quantize(model, build_quant_config(make_plan(model, RECIPE)), lambda m: [m(x) for x in data])
+    separate, quantized = copy.deepcopy(model), copy.deepcopy(model)
+    convert_to_fp8(separate)
+    loaded = LoadedModel(spec="qkv", model=model, input_names=["input"], output_names=["y"])
+    runner = TorchFP8Runner(loaded, compile=False)
+    x = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16)
+    assert runner.fuse({"input": x}) == [["0.q", "0.k", "0.v"], ["1.q", "1.k", "1.v"]]
+    calls = []
+    original = torch._scaled_mm
+
+    def recording(a, b, scale_a, scale_b, **kwargs):
+        calls.append((tuple(b.shape), tuple(scale_a.shape), tuple(scale_b.shape)))
+        return original(a, b, scale_a, scale_b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    with torch.no_grad():
+        got = model(x)
+        monkeypatch.setattr(torch, "_scaled_mm", original)
+        want = separate(x)
+    # per block: one row-wise GEMM for q/k/v (256 + 64 + 64 outputs), one per-tensor GEMM for o
+    assert calls[:2] == [((256, 384), (256, 1), (1, 384)), ((384, 256), (), ())], calls
+    assert len(calls) == 4
+    assert torch.isfinite(got).all() and _cos(got, want) >= 0.9999, f"cosine {_cos(got, want)}"
+    compiled = TorchFP8Runner(LoadedModel(spec="qkv", model=quantized, input_names=["input"], output_names=["y"]))
+    got_compiled = compiled.run({"input": x})["y"]  # the first batch fuses, then compiles
+    assert len(compiled.fused) == 2 and compiled.compiled
+    assert _cos(got_compiled, want.cpu()) >= 0.9999, f"compiled cosine {_cos(got_compiled, want.cpu())}"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from quantkit import console
+from quantkit.graph_scales import snap_fp8_amax
 from quantkit.errors import CalibrationError, InputError, PlanError, QuantkitError
 from quantkit.models import DTYPES, LoadedModel, load_model
 from quantkit.plan import Plan, make_plan
@@ -285,6 +286,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
         with contextlib.redirect_stdout(io.StringIO()) if console.is_quiet() else contextlib.nullcontext():
             mtq.quantize(loaded.model, config, forward_loop)
         finish_histogram_calibration(loaded.model, plan)
+        # A FP16/BF16 graph holds dtype(amax / 448): make that the step PyTorch uses too (graph_scales.py).
+        snap_fp8_amax(loaded.model, _torch_dtype(dtype))
     problems = _check_quantizers_reached(loaded.model, plan) + attention.verify_attention(
         loaded.model, [attention.AttentionConversion(**a) for a in plan.attention])
     if problems:

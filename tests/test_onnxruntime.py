@@ -167,3 +167,37 @@ def test_custom_ops_are_an_unsupported_graph_not_a_crash(tmp_path):
     onnx.save(model, path)
     with pytest.raises(UnsupportedGraph, match="ONNX Runtime cannot run trt::TRT_SomethingCustom"):
         OnnxRuntimeRunner(path)
+
+
+def test_reference_compares_each_block_fed_the_graphs_own_input(exported_run):
+    """Per block: the PyTorch block gets the tensor the graph fed its block; the head is checked too."""
+    from quantkit.export.reference import reference_run
+
+    result = reference_run(exported_run)
+    assert set(result.per_block) == {"blocks.0", "blocks.1", "head: y"}
+    assert all(m.cosine >= 0.9999 for m in result.per_block.values()), {k: m.cosine for k, m in result.per_block.items()}
+    report = json.loads((exported_run / "report.json").read_text())
+    assert set(report["onnxruntime_vs_fake_quant_per_block"]) == {"blocks.0", "blocks.1", "head: y"}
+    assert report["onnxruntime"]["verdict"] == "per block" and report["onnxruntime"]["passed"] is True
+
+
+def test_a_wrong_scale_in_one_block_fails_that_block_and_no_other(exported_run, tmp_path):
+    """A weight DequantizeLinear in blocks.1 with its scale off by 25 %: the per-block check names
+    blocks.1, and blocks.0 (fed the same input as PyTorch) still matches."""
+    from onnx import numpy_helper
+
+    from quantkit.export.graph import GraphIndex
+    from quantkit.export.reference import reference_run
+
+    model = onnx.load(str(exported_run / "model.onnx"))
+    index = GraphIndex.build(model)
+    target = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                  and index.module_of(n) == "blocks.1.up.weight_quantizer" and n.input[1] in index.initializers)
+    scale = index.initializers[target.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.25, scale.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    result = reference_run(exported_run, onnx_path=broken, update_report=False)
+    cos = {k: m.cosine for k, m in result.per_block.items()}
+    assert cos["blocks.0"] >= 0.9999 and cos["blocks.1"] < 0.999, cos
+    assert not result, "a block that computes something else fails the reference"

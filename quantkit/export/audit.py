@@ -23,7 +23,7 @@ import onnx
 
 from quantkit.export.graph import (
     COMPUTE_OPS, DQ_OPS, FLOAT, FLOAT_TYPES, FP4_DYNAMIC_OPS, PASS_THROUGH_OPS, Q_OPS, QUANT_FORMATS, GraphIndex,
-    attribute, dtype_name,
+    attribute, dtype_name, within_scope,
 )
 
 _OPERAND_THROUGH = PASS_THROUGH_OPS | {"Cast", "Mul"}  # Mul: a scale moved between DQ and MatMul (FP8 exporter)
@@ -254,10 +254,6 @@ def _exporter_added_qdq(index: GraphIndex) -> dict[str, str]:
 # the plan
 
 
-def _within(module: str, scope: str) -> bool:
-    return bool(scope) and (module == scope or module.startswith(scope + "."))
-
-
 def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict], norms: list[dict],
                 rope: list[dict], exporter_added: dict[str, str], index: GraphIndex) -> tuple[list[str], list[dict]]:
     violations: list[str] = []
@@ -302,7 +298,7 @@ def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict
         if c["kind"] != "activation-activation":
             continue
         # The innermost conversion holding the matmul; "" is attention computed by the model's top module.
-        entry = max((a for a in conversions if a.get("name") == "" or _within(c["module"], a.get("name", ""))),
+        entry = max((a for a in conversions if a.get("name") == "" or within_scope(c["module"], a.get("name", ""))),
                     key=lambda a: len(a.get("name", "")), default=None)
         added = [fmt for fmt in c["operands"] if fmt]
         exporter = any(dq for dq in exporter_added if _operand_dq_is(index, c["node"], dq))
@@ -329,7 +325,7 @@ def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict
             name = p.get("name", "")
             if ":" in name:  # a protected function: applies wherever its pattern appears
                 return True
-            if _within(module, name) or module == name:
+            if within_scope(module, name) or module == name:
                 return True
         return False
 

@@ -133,6 +133,35 @@ class GraphIndex:
         return None
 
 
+def within_scope(module: str, scope: str) -> bool:
+    """`module` is `scope` or inside it (dotted module names)."""
+    return bool(scope) and (module == scope or module.startswith(scope + "."))
+
+
+def scope_boundary(index: "GraphIndex", module: str) -> tuple[list[str], list[str]]:
+    """(tensors entering, tensors leaving) the nodes of `module`'s scope: computed outside (not
+    constants, not graph inputs) and read inside, or computed inside and read outside or returned."""
+    def inside(node: onnx.NodeProto) -> bool:
+        return within_scope(index.module_of(node), module)
+
+    entering: list[str] = []
+    leaving: list[str] = []
+    outputs = set(index.graph_outputs)
+    for node in index.model.graph.node:
+        if not inside(node):
+            continue
+        for name in node.input:
+            producer = index.producer.get(name)
+            if name and producer is not None and not inside(producer) and not index.is_constant(name) \
+                    and name not in entering:
+                entering.append(name)
+        for name in node.output:
+            if name and (name in outputs or any(not inside(c) for c in index.consumers.get(name, []))) \
+                    and name not in leaving:
+                leaving.append(name)
+    return entering, leaving
+
+
 def module_of_name(node_name: str, scope_prefix: str = "") -> str:
     parts = [p for p in node_name.split("/") if p]
     if len(parts) <= 1:

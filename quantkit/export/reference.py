@@ -1,9 +1,12 @@
 """The ONNX Runtime reference run of an export: its outputs against the PyTorch fake-quant model and
 against the FP32 reference, on the run's held-out calibration samples, written into report.json.
 
-report["metrics"]["onnxruntime"] = {output: metrics vs the FP32 reference} and
-report["onnxruntime_vs_fake_quant"] = {output: metrics vs the fake-quantized PyTorch model}. The
-held-out split is rebuilt exactly as `quantize` made it (same set, same size, same seed).
+report["metrics"]["onnxruntime"] = {output: metrics vs the FP32 reference},
+report["onnxruntime_vs_fake_quant"] = {output: metrics vs the fake-quantized PyTorch model} (end to
+end), and report["onnxruntime_vs_fake_quant_per_block"] = {block: metrics} with each transformer block
+of the PyTorch model fed the graph's own input to that block (quantkit/export/blockwise.py says why:
+end to end, rounding flips compound and even a right graph drifts). The verdict is per block where the
+model has blocks, end to end otherwise. The held-out split is rebuilt exactly as `quantize` made it.
 """
 
 from __future__ import annotations
@@ -22,26 +25,41 @@ from quantkit.errors import InputError
 
 @dataclasses.dataclass
 class ReferenceResult:
-    """ORT vs FP32 and ORT vs fake-quant, per output; truthy when ORT matches fake-quant to `cosine_min`."""
+    """ORT vs FP32 and ORT vs fake-quant per output (end to end), and ORT vs fake-quant per block.
+
+    Truthy when ORT matches fake-quant to `cosine_min`: in every block and the head when the model
+    has blocks (`per_block`), else end to end."""
 
     vs_fp32: dict[str, Any]
     vs_fake_quant: dict[str, Any]
     samples: int
     notes: list[str]
     cosine_min: float = 0.9999
+    per_block: dict[str, Any] | None = None
+
+    @staticmethod
+    def _worst(metrics: dict[str, Any]) -> float:
+        values = [m.cosine for m in metrics.values() if m.finite]
+        return min(values) if values and len(values) == len(metrics) else float("nan")
 
     @property
     def worst_cosine_vs_fake_quant(self) -> float:
-        values = [m.cosine for m in self.vs_fake_quant.values() if m.finite]
-        return min(values) if len(values) == len(self.vs_fake_quant) else float("nan")
+        return self._worst(self.vs_fake_quant)
+
+    @property
+    def worst_cosine_per_block(self) -> float:
+        return self._worst(self.per_block) if self.per_block else float("nan")
 
     def __bool__(self) -> bool:
-        return self.worst_cosine_vs_fake_quant >= self.cosine_min
+        worst = self.worst_cosine_per_block if self.per_block else self.worst_cosine_vs_fake_quant
+        return worst >= self.cosine_min
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "notes": self.notes,
+        return {"samples": self.samples, "notes": self.notes, "cosine_min": self.cosine_min,
+                "verdict": "per block" if self.per_block else "end to end", "passed": bool(self),
                 "vs_fp32": {k: m.to_dict() for k, m in self.vs_fp32.items()},
-                "vs_fake_quant": {k: m.to_dict() for k, m in self.vs_fake_quant.items()}}
+                "vs_fake_quant": {k: m.to_dict() for k, m in self.vs_fake_quant.items()},
+                "per_block": {k: m.to_dict() for k, m in (self.per_block or {}).items()}}
 
 
 def heldout_samples(run):
@@ -66,6 +84,9 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     """Run OUT/model.onnx on ONNX Runtime over the held-out samples and compare (see module docstring)."""
     from tqdm.auto import tqdm
 
+    import onnx
+
+    from quantkit.export.blockwise import HEAD, find_boundaries, teacher_forced
     from quantkit.metrics import OutputsAccumulator
     from quantkit.models import DTYPES, load_model
     from quantkit.outdir import atomic_write_json
@@ -84,8 +105,9 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     batch_size = batch_size or run.recipe.calibration.batch_size
     reference = load_model(run.loaded.spec)
     reference.model.to(torch.float32).eval()
-    runner = OnnxRuntimeRunner(onnx_path)
-    vs_fp32, vs_fq = OutputsAccumulator(), OutputsAccumulator()
+    boundaries = find_boundaries(run.loaded.model, onnx.load(str(onnx_path), load_external_data=False))
+    runner = OnnxRuntimeRunner(onnx_path, extra_outputs=boundaries.tensors if boundaries else None)
+    vs_fp32, vs_fq, per_block = OutputsAccumulator(), OutputsAccumulator(), OutputsAccumulator()
     batches = list(heldout.batches(batch_size, device="cpu", dtype=DTYPES[run.dtype]))
     with torch.no_grad():
         for args, kwargs in tqdm(batches, desc="onnxruntime reference", disable=console.is_quiet(), leave=False):
@@ -94,17 +116,35 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
             fp32_args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
             fp32_kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
             ref = {k: v.float() for k, v in reference.named_outputs(reference.model(*fp32_args, **fp32_kwargs)).items()}
-            ort = {k: v.float() for k, v in runner.run(named).items() if k in fake}
+            graph_values = runner.run(named)
+            ort = {k: v.float() for k, v in graph_values.items() if k in fake}
             vs_fq.update(fake, ort)
             vs_fp32.update(ref, ort)
+            if boundaries:
+                pairs, forced = teacher_forced(run.loaded.model, boundaries, graph_values,
+                                               lambda: run.loaded.model(*args, **kwargs))
+                if pairs:
+                    forced = run.loaded.named_outputs(forced)
+                    torch_side = {b: pt for b, (pt, _) in pairs.items()}
+                    graph_side = {b: g for b, (_, g) in pairs.items()}
+                    torch_side.update({f"{HEAD}: {k}": forced[k].float() for k in ort})
+                    graph_side.update({f"{HEAD}: {k}": v for k, v in ort.items()})
+                    per_block.update(torch_side, graph_side)
     notes = list(runner.notes)
     runner.close()
-    result = ReferenceResult(vs_fp32.result(), vs_fq.result(), len(heldout), notes)
+    if boundaries and not per_block.by_output:
+        notes.append("per-block comparison not possible: no block's input/output found in the graph by shape")
+    result = ReferenceResult(vs_fp32.result(), vs_fq.result(), len(heldout), notes,
+                             per_block=per_block.result() or None)
     if update_report:
         path = out_dir / "report.json"
         report = json.loads(path.read_text()) if path.is_file() else {}
         report.setdefault("metrics", {})["onnxruntime"] = {k: m.to_dict() for k, m in result.vs_fp32.items()}
         report["onnxruntime_vs_fake_quant"] = {k: m.to_dict() for k, m in result.vs_fake_quant.items()}
+        report["onnxruntime_vs_fake_quant_per_block"] = {k: m.to_dict() for k, m in (result.per_block or {}).items()}
+        report.setdefault("onnxruntime", {}).update(
+            {"verdict": "per block" if result.per_block else "end to end", "cosine_min": result.cosine_min,
+             "passed": bool(result)})
         report.setdefault("onnxruntime", {}).update(
             {"graph": onnx_path.name, "samples": result.samples, "verification_copy": notes,
              "graph_optimization": "disabled (ORT_DISABLE_ALL)", "seconds": round(time.perf_counter() - t0, 2)})
@@ -114,7 +154,8 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
 
 def print_reference(result: ReferenceResult) -> None:
     rows = []
-    for label, metrics in (("ORT vs fake-quant", result.vs_fake_quant), ("ORT vs FP32", result.vs_fp32)):
+    for label, metrics in (("ORT vs fake-quant, per block", result.per_block or {}),
+                           ("ORT vs fake-quant, end to end", result.vs_fake_quant), ("ORT vs FP32", result.vs_fp32)):
         for name, m in metrics.items():
             rows.append((label, name, f"{m.cosine:.6f}" if m.finite else "not finite",
                          f"{m.snr_db:.2f}" if m.finite else "-", f"{m.max_abs_err:.3e}" if m.finite else "-"))
@@ -122,3 +163,13 @@ def print_reference(result: ReferenceResult) -> None:
                                     ("comparison", "output", "cosine", "SNR dB", "max abs"), rows))
     for note in result.notes:
         console.info(f"verification copy: {note}")
+    basis = "every block and the head, each fed the graph's own input" if result.per_block else "end to end"
+    worst = result.worst_cosine_per_block if result.per_block else result.worst_cosine_vs_fake_quant
+    if result:
+        console.info(f"ONNX Runtime matches the fake-quant model ({basis}): worst cosine {worst:.6f} >= {result.cosine_min}")
+    else:
+        # Not an export failure by itself: the audit decides that. FP16/BF16 graphs round intermediate
+        # values at other points than PyTorch does (ONNX spells GELU and friends as several 16-bit
+        # nodes), and inside a block those differences flip some FP8/INT8 roundings.
+        console.warn(f"ONNX Runtime vs fake-quant ({basis}): worst cosine {worst:.6f} < {result.cosine_min}; "
+                     "see report.json onnxruntime_vs_fake_quant_per_block for the block")

@@ -274,6 +274,18 @@ def verification_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     return out, notes
 
 
+def _add_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    """Make intermediate tensors graph outputs too (with their inferred element types)."""
+    from quantkit.export.graph import infer_dtypes
+
+    types = infer_dtypes(model)
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or TensorProto.FLOAT, None))
+            present.add(name)
+
+
 def _dq_output_type(model: onnx.ModelProto, scale_dq: onnx.NodeProto) -> int:
     """The float type of the two-level DQ chain: its per-tensor scale's type."""
     for t in model.graph.initializer:
@@ -295,7 +307,7 @@ class OnnxRuntimeRunner:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, *, optimization: str = "disable", threads: int | None = None,
-                 verification: bool = True):
+                 verification: bool = True, extra_outputs: list[str] | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -305,7 +317,9 @@ class OnnxRuntimeRunner:
         if verification:
             model = onnx.load(str(self.path))
             copy, self.notes = verification_copy(model)
-            if self.notes:
+            if extra_outputs:
+                _add_outputs(copy, extra_outputs)
+            if self.notes or extra_outputs:
                 self._tmp = tempfile.TemporaryDirectory(prefix="quantkit-ort-")
                 model_path = Path(self._tmp.name) / "verification.onnx"
                 big = copy.ByteSize() > 1_900_000_000 if hasattr(copy, "ByteSize") else False

@@ -59,8 +59,9 @@ def snap_fp8_amax(model: nn.Module, graph_dtype: torch.dtype) -> dict[str, int]:
         if (getattr(module, "num_bits", None) != (4, 3) or not getattr(module, "is_enabled", False)
                 or getattr(module, "block_sizes", None) or not torch.is_tensor(amax)):
             continue
-        snapped = snap_amax(amax, graph_dtype)
-        counts["moved"] += int((snapped != amax).sum())
+        # on the CPU: a handful of values, and nextafter's 16-bit kernels are not on every device
+        snapped = snap_amax(amax.detach().cpu(), graph_dtype).to(amax.device)
+        counts["moved"] += int((snapped != amax).sum().item())
         counts["quantizers"] += 1
         amax.copy_(snapped)
     return counts

@@ -127,12 +127,6 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear | None:
     return fused
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-
-
 @torch.no_grad()
 def fuse_shared_input_linears(model: nn.Module, run: Callable[[], Any], fusable: Callable[[nn.Module], bool],
                               concat: Callable[[list[nn.Module]], nn.Module | None]) -> list[list[str]]:
@@ -148,7 +142,7 @@ def fuse_shared_input_linears(model: nn.Module, run: Callable[[], Any], fusable:
             continue
         group = FusedSiblings(joined, [m.out_features for m in modules])
         for i, name in enumerate(names):
-            _set_submodule(model, name, FusedMember(group, i, name))
+            model.set_submodule(name, FusedMember(group, i, name))
         fused_groups.append(names)
     return fused_groups
 

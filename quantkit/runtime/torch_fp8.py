@@ -229,12 +229,6 @@ def fp8_conversion_plan(model: nn.Module) -> list[tuple[str, str | None]]:
     return rows
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-
-
 @torch.no_grad()
 def convert_to_fp8(model: nn.Module, use_fast_accum: bool = True) -> int:
     """Replace every static per-tensor FP8 QuantLinear of `model` by an FP8Linear, in place.
@@ -248,7 +242,7 @@ def convert_to_fp8(model: nn.Module, use_fast_accum: bool = True) -> int:
         module = model.get_submodule(name)
         new = FP8Linear.from_amax(module.weight, _amax(module.weight_quantizer), _amax(module.input_quantizer),
                                   module.bias, use_fast_accum=use_fast_accum)
-        _set_submodule(model, name, new.to(module.weight.device))
+        model.set_submodule(name, new.to(module.weight.device))
         count += 1
     return count
 

@@ -76,6 +76,17 @@ def fp32_bytes(model: nn.Module) -> int:
                for t in list(model.parameters()) + list(model.buffers()))
 
 
+def fp32_sizing(model: nn.Module) -> dict:
+    """accelerate's sizing arguments that count every floating tensor at 4 bytes.
+
+    `dtype=torch.float32` alone does not: accelerate counts each tensor at the smaller of its own
+    size and the dtype's, so a BF16 model would be sized at 2 bytes a value and overflow the GPUs
+    when the reference pass casts it to FP32. `special_dtypes` sizes the named tensors as given."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return {"dtype": torch.float32,
+            "special_dtypes": {name: torch.float32 for name, t in tensors if t.is_floating_point()}}
+
+
 def infer_map(model: nn.Module, mode: str, device: torch.device,
               max_memory: dict[int | str, int] | None = None) -> tuple[dict[str, str], dict[str, int] | None]:
     """A module -> device map over the GPUs (or the CPU when `device` is the CPU)."""
@@ -95,17 +106,18 @@ def infer_map(model: nn.Module, mode: str, device: torch.device,
     room = sum(max_memory.values())
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     # Sized as FP32 whatever the loaded dtype: quantkit's reference pass runs the placed model in FP32.
+    sizing = fp32_sizing(model)
     if mode == "auto":  # accelerate's "auto"/"balanced": spread evenly rather than fill GPU 0 first
         max_memory = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
-                                         dtype=torch.float32)
+                                         **sizing)
     device_map = infer_auto_device_map(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
-                                       dtype=torch.float32)
+                                       **sizing)
     device_map = {k: (f"cuda:{v}" if isinstance(v, int) else str(v)) for k, v in device_map.items()}
     offloaded = sorted({v for v in device_map.values() if not v.startswith("cuda")})
     if offloaded:
         from accelerate.utils import compute_module_sizes, get_max_layer_size
 
-        sizes = compute_module_sizes(model, dtype=torch.float32)
+        sizes = compute_module_sizes(model, **sizing)
         largest, _ = get_max_layer_size(list(model.named_children()), sizes, no_split)
         raise InputError(f"the model ({_size(fp32_bytes(model))} in FP32) does not fit the GPUs' "
                          f"{_size(room)} for weights, of which accelerate keeps {_size(largest)} "

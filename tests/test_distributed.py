@@ -308,5 +308,15 @@ def test_a_model_that_does_not_fit_the_gpus_is_refused_with_the_sizes():
         infer_map(model, "auto", torch.device("cuda"), parse_max_memory("0=40MiB,1=40MiB"))
     assert str(e.value).startswith("the model (84.9 MiB in FP32) does not fit the GPUs' 80.0 MiB for weights, of "
                                    "which accelerate keeps 14.9 MiB (its largest layer) free on the first GPU"), e.value
+    # A BF16 model is sized at 4 bytes a value too: it fits in 80 MiB as BF16 (42 MiB), not as the FP32
+    # the reference pass makes of it (accelerate's dtype= alone would count it at 2 bytes and place it).
+    from accelerate.utils import compute_module_sizes
+
+    from quantkit.placement import fp32_bytes, fp32_sizing
+
+    half = model.to(torch.bfloat16)
+    assert compute_module_sizes(half, **fp32_sizing(half))[""] == fp32_bytes(half) > 80 * 2**20
+    with _two_gpus(), pytest.raises(InputError, match=r"^the model \(84.9 MiB in FP32\) does not fit"):
+        infer_map(half, "auto", torch.device("cuda"), parse_max_memory("0=40MiB,1=40MiB"))
     with _two_gpus(), pytest.raises(InputError, match=r"--max-memory names GPU\(s\) \[2\], but 2 are visible"):
         infer_map(model, "auto", torch.device("cuda"), {0: 2**30, 2: 2**30})

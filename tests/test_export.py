@@ -230,7 +230,7 @@ def test_fp16_model_fp8_export_runs_in_fp16(tmp_path):
 
 
 def test_fp16_graph_holds_the_fp8_steps_pytorch_quantizes_with(tmp_path):
-    """Each FP8 scale in a FP16 graph equals the step the PyTorch model uses (amax / 448, FP32)."""
+    """Each FP8 scale in a FP16 graph equals the step ModelOpt's fake quant dequantizes with (1 / (448 / amax), FP32)."""
     from onnx import numpy_helper
 
     loaded, _, _, _, _, _ = export_tiny("fp8", tmp_path, dtype="fp16")
@@ -241,25 +241,27 @@ def test_fp16_graph_holds_the_fp8_steps_pytorch_quantizes_with(tmp_path):
             values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     graph_scales = sorted({float(values[n.input[1]]) for n in full.graph.node
                            if n.op_type == "DequantizeLinear" and n.input[1] in values and values[n.input[1]].size == 1})
-    steps = sorted({float(q.amax.double() / 448) for q in loaded.model.modules()
+    steps = sorted({float((1.0 / (448 / q.amax.float())).double()) for q in loaded.model.modules()
                     if getattr(q, "num_bits", None) == (4, 3) and getattr(q, "is_enabled", False) and q.amax is not None})
     assert len(steps) >= 6 and set(steps) <= set(graph_scales), (steps[:4], graph_scales[:4])  # distinct steps
 
 
-def test_snap_amax_makes_the_fp8_step_exact_in_16_bits():
+def test_snap_amax_makes_the_fp8_step_exact_in_16_bits_and_in_modelopt():
     from quantkit.graph_scales import snap_amax
 
-    amax = torch.tensor([7.18359375, 0.0, 3.3e-3, 250.0], dtype=torch.float16)
-    snapped = snap_amax(amax, torch.float16)
-    step = snapped.double() / 448
-    assert torch.equal(step.to(torch.float16).double(), step), "amax / 448 is a FP16 number"
-    assert snapped[1] == 0, "zero amax stays"
-    assert float(snapped[0]) == 7.19140625  # 2 FP16 ulps up: 7.19140625 / 448 = 0.01605224609375 exactly
-    assert ((snapped.double() - amax.double()).abs() <= amax.double() * 2 ** -8).all()
-    bf16 = snap_amax(torch.tensor([7.1875, 0.02], dtype=torch.bfloat16), torch.bfloat16)
-    assert torch.equal((bf16.double() / 448).to(torch.bfloat16).double(), bf16.double() / 448)
-    fp32 = snap_amax(torch.tensor([7.18]), torch.float16)  # an FP32 amax snaps in one rounding
-    assert float(fp32) == float((torch.tensor(7.18, dtype=torch.float64) / 448).to(torch.float16).double() * 448)
+    for dtype, most in ((torch.float16, 0.03), (torch.bfloat16, 0.15)):
+        amax = ((torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 6 - 3).exp()
+                * 4).to(dtype)
+        snapped = snap_amax(amax, dtype)
+        step = snapped.double() / 448
+        assert torch.equal(step.to(dtype).double(), step), "the graph's 16-bit scale is the step"
+        assert torch.equal((1.0 / (448 / snapped.float())).double(), step), "ModelOpt's FP32 step is the same"
+        move = (snapped.double() - amax.double()) / amax.double()
+        assert (move >= 0).all() and move.max() <= most, (dtype, float(move.max()))  # never clips more
+    special = torch.tensor([0.0, 1e-3, float("inf")], dtype=torch.float16)
+    assert torch.equal(snap_amax(special, torch.float16), special), "zero, sub-normal steps, inf stay"
+    wide = snap_amax(torch.tensor([7.18, 1e-5]), torch.float16)  # an FP32 amax
+    assert float(wide[1]) == pytest.approx(1e-5) and (float(wide[0]) / 448) == float(torch.tensor(float(wide[0]) / 448).half())
 
 
 def test_default_opset_and_axes():

@@ -174,10 +174,11 @@ def test_reference_compares_each_block_fed_the_graphs_own_input(exported_run):
     from quantkit.export.reference import reference_run
 
     result = reference_run(exported_run)
-    assert set(result.per_block) == {"blocks.0", "blocks.1", "head: y"}
+    # blocks.0 reads the graph input itself, so it has no separate input check; blocks.1's input is checked
+    assert set(result.per_block) == {"blocks.0", "blocks.1 input", "blocks.1", "head: y"}
     assert all(m.cosine >= 0.9999 for m in result.per_block.values()), {k: m.cosine for k, m in result.per_block.items()}
     report = json.loads((exported_run / "report.json").read_text())
-    assert set(report["onnxruntime_vs_fake_quant_per_block"]) == {"blocks.0", "blocks.1", "head: y"}
+    assert set(report["onnxruntime_vs_fake_quant_per_block"]) == {"blocks.0", "blocks.1 input", "blocks.1", "head: y"}
     assert report["onnxruntime"]["verdict"] == "per block" and report["onnxruntime"]["passed"] is True
 
 
@@ -201,3 +202,86 @@ def test_a_wrong_scale_in_one_block_fails_that_block_and_no_other(exported_run, 
     cos = {k: m.cosine for k, m in result.per_block.items()}
     assert cos["blocks.0"] >= 0.9999 and cos["blocks.1"] < 0.999, cos
     assert not result, "a block that computes something else fails the reference"
+
+
+class _Stemmed(torch.nn.Module):
+    """A quantized input projection (patch/feature embedding) before the blocks; `share` uses one
+    block object twice (weight-shared depth)."""
+
+    def __init__(self, share: bool = False):
+        super().__init__()
+        from tests.test_export import TinyBlock
+
+        self.embed = torch.nn.Linear(32, 32)
+        first = TinyBlock()
+        self.blocks = torch.nn.ModuleList([first, first if share else TinyBlock()])
+        self.head = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def stemmed_model(share: bool = False):
+    from quantkit.models import LoadedModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Stemmed(share).eval()
+    return LoadedModel(spec=f"{__file__}:stemmed_model", model=model, input_names=["x"], output_names=["y"],
+                       example_inputs={"x": torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))})
+
+
+def shared_model():
+    return stemmed_model(share=True)
+
+
+def _exported(tmp_path, loaded):
+    from tests.test_export import write_recipe
+
+    from quantkit import calib, ptq
+    from quantkit.export.onnx_export import export_run
+    from quantkit.recipe import load_recipe
+
+    result = ptq.quantize(loaded, load_recipe(write_recipe(tmp_path, "int8")), calib.synthetic_set(loaded, n=20, seed=0),
+                          dtype="fp32", device="cpu", batch_size=4, per_layer=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    ptq.save_run(result, out, loaded.spec, "fp32")
+    export_run(out)
+    return out
+
+
+def test_a_wrong_scale_before_the_first_block_fails_its_input_check(tmp_path):
+    """Per block, the first block is fed the graph's input — so that input is checked too: an error in
+    the stem (here the embedding's weight scale x 1.5) fails `blocks.0 input` while the blocks match."""
+    from onnx import numpy_helper
+
+    from quantkit.export.graph import GraphIndex
+    from quantkit.export.reference import reference_run
+
+    out = _exported(tmp_path, stemmed_model())
+    model = onnx.load(str(out / "model.onnx"))
+    index = GraphIndex.build(model)
+    target = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                  and index.module_of(n) == "embed.weight_quantizer" and n.input[1] in index.initializers)
+    scale = index.initializers[target.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    result = reference_run(out, onnx_path=tmp_path / "broken.onnx", update_report=False)
+    cos = {k: m.cosine for k, m in result.per_block.items()}
+    assert cos["blocks.0 input"] < 0.9995 and cos["blocks.0"] >= 0.9999 and cos["blocks.1 input"] >= 0.9999, cos
+    assert not result
+    assert reference_run(out, update_report=False), "the unbroken graph passes"
+
+
+def test_shared_blocks_are_compared_end_to_end_only():
+    """One block object used twice: its hooks would fire per use (and the export names the second use
+    apart), so such a model gets no per-block comparison, only the end-to-end one."""
+    from quantkit.export.blockwise import block_names, find_boundaries
+
+    assert block_names(shared_model().model) == []
+    assert find_boundaries(shared_model().model, onnx.ModelProto()) is None
+    assert block_names(stemmed_model().model) == ["blocks.0", "blocks.1"]

@@ -7,7 +7,8 @@ compound layer by layer (MiniLM, FP8, FP32 graph: every quantizer of layer 0 agr
 as far). So the end-to-end cosine cannot tell a wrong graph from a right one. Here each block of the
 PyTorch model is fed the very tensor the graph fed its block (forward pre-hook), its output is
 compared with the graph's, and the graph's output is passed on (forward hook); the part after the
-last block ("head") is checked the same way. A block that computes something else — a missing Q/DQ,
+last block ("head") is checked the same way, and so is each block's input (the stem before the first
+block, whatever the parent computes between blocks). A block that computes something else — a missing Q/DQ,
 a wrong scale, a Softmax in the wrong precision — shows at once; rounding noise does not compound.
 
 The blocks are those of the largest ModuleList of one class (`repeated_blocks`); each is found in the
@@ -47,10 +48,15 @@ class BlockBoundaries:
 
 
 def block_names(model: nn.Module) -> list[str]:
+    """The repeated blocks' module names; none when one block object is used twice (shared weights:
+    its hooks would fire per use, and the export names the second use apart)."""
     from quantkit.runtime.torch_fp8 import repeated_blocks
 
-    blocks = {id(b) for b in repeated_blocks(model)}
-    return [name for name, m in model.named_modules() if id(m) in blocks]
+    blocks = repeated_blocks(model)
+    if len({id(b) for b in blocks}) != len(blocks):
+        return []
+    ids = {id(b) for b in blocks}
+    return [name for name, m in model.named_modules() if id(m) in ids]
 
 
 def find_boundaries(model: nn.Module, graph: Any) -> BlockBoundaries | None:
@@ -66,6 +72,16 @@ def find_boundaries(model: nn.Module, graph: Any) -> BlockBoundaries | None:
         if not outputs:
             return None
         entering[block], leaving[block] = inputs, outputs
+    # By structure, not by value: a block's output is what the next block reads (or a graph output),
+    # its input what the previous block wrote — where the graph says so.
+    returned = set(index.graph_outputs)
+    for prev, nxt in zip(blocks, blocks[1:]):
+        chained = [t for t in leaving[prev] if t in entering[nxt] or t in returned]
+        if chained:
+            leaving[prev] = chained
+        fed = [t for t in entering[nxt] if t in leaving[prev]]
+        if fed:
+            entering[nxt] = fed
     return BlockBoundaries(blocks, entering, leaving)
 
 
@@ -80,35 +96,42 @@ def _hidden(value: Any) -> torch.Tensor | None:
 def _with_hidden(value: Any, hidden: torch.Tensor) -> Any:
     if torch.is_tensor(value):
         return hidden
+    if hasattr(value, "_fields"):  # a namedtuple
+        return value._replace(**{value._fields[0]: hidden})
     return type(value)([hidden, *value[1:]]) if isinstance(value, (tuple, list)) else value
 
 
 def _pick(graph_values: Mapping[str, torch.Tensor], names: list[str], like: torch.Tensor) -> torch.Tensor | None:
-    """The graph tensor among `names` with `like`'s shape (the closest one if several have it)."""
+    """The one graph tensor among `names` with `like`'s shape; None when none or several have it
+    (never chosen by closeness to the value under test: that would grade the check on a curve)."""
     same = [graph_values[n] for n in names if n in graph_values and tuple(graph_values[n].shape) == tuple(like.shape)]
-    if len(same) <= 1:
-        return same[0] if same else None
-    ref = like.detach().float().flatten()
-    return max(same, key=lambda t: float(torch.nn.functional.cosine_similarity(t.float().flatten(), ref, dim=0)))
+    return same[0] if len(same) == 1 else None
 
 
 def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: Mapping[str, torch.Tensor],
                    forward: Callable[[], Any]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Any]:
     """Run `forward()` with each block fed the graph's input and passing the graph's output on.
 
-    Returns ({block: (PyTorch output, graph output)}, the model's result after the last block was
-    given the graph's output). Blocks whose tensors could not be matched by shape are left out."""
+    Returns ({name: (PyTorch tensor, graph tensor)}, the model's result after the last block was
+    given the graph's output). Names: each block's output under the block's name, and each block's
+    input as "<block> input" — PyTorch's own input there (for the first block: what the stem before
+    it computed; for the others: the previous block's graph output through whatever the parent does
+    in between) against the graph's, so no part of the model goes unchecked. Blocks whose tensors
+    could not be matched by shape, or that ran more than once, are left out."""
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
     handles = []
 
     def pre_hook(block: str):
         def hook(module, args, kwargs):
+            calls[block] = calls.get(block, 0) + 1
             hidden = args[0] if args else kwargs.get("hidden_states")
             if not torch.is_tensor(hidden):
                 return None
             fed = _pick(graph_values, boundaries.entering[block], hidden)
             if fed is None:
                 return None
+            pairs[f"{block} input"] = (hidden.detach().float().cpu(), fed.float())
             fed = fed.to(device=hidden.device, dtype=hidden.dtype)
             if args:
                 return (fed, *args[1:]), kwargs
@@ -136,4 +159,8 @@ def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: 
     finally:
         for h in handles:
             h.remove()
+    for block, n in calls.items():
+        if n != 1:  # a block called twice in one forward: one graph scope cannot stand for both calls
+            pairs.pop(block, None)
+            pairs.pop(f"{block} input", None)
     return pairs, result

@@ -36,6 +36,9 @@ class FusedSiblings(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.fused(x).split(self.sizes, dim=-1)
 
+    def clear(self) -> None:
+        self.last_input = self.outputs = None
+
 
 class FusedMember(nn.Module):
     """Stands where one of the fused linears was; returns that linear's slice of the group's output."""
@@ -58,8 +61,14 @@ class FusedMember(nn.Module):
             group.last_input = x
         out = group.outputs[self.index]
         if self.index == len(group.sizes) - 1:
-            group.last_input = group.outputs = None  # hold no activations between forwards
+            group.clear()  # hold no activations between forwards (the parent's hook clears it too)
         return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This layer's rows of the joined weight (code that reads `.weight.dtype` keeps working)."""
+        start = sum(self.group.sizes[:self.index])
+        return self.group.fused.weight[start:start + self.out_features]
 
     def extra_repr(self) -> str:
         return f"{self.original_name}: outputs {self.index + 1} of {len(self.group.sizes)} of a fused GEMM"
@@ -77,7 +86,10 @@ def shared_input_groups(model: nn.Module, run: Callable[[], Any],
     weights, loops) is left out, since one call site could not stand for its others."""
     calls: list[tuple[str, bool]] = []  # (name, same input as the call before)
     previous: list[Any] = [None]  # a reference, not an id: a freed tensor's id may come back
-    candidates = {name: m for name, m in model.named_modules() if name and fusable(m)}
+    # Modules with hooks of their own (accelerate's offload, user hooks) are left alone: a fused
+    # group would not run them.
+    candidates = {name: m for name, m in model.named_modules()
+                  if name and fusable(m) and not (m._forward_hooks or m._forward_pre_hooks)}
 
     def hook(name: str):
         def record(module, args):
@@ -143,6 +155,9 @@ def fuse_shared_input_linears(model: nn.Module, run: Callable[[], Any], fusable:
         group = FusedSiblings(joined, [m.out_features for m in modules])
         for i, name in enumerate(names):
             model.set_submodule(name, FusedMember(group, i, name))
+        # Whatever order the members ran in, the cache ends with the parent's forward.
+        parent = model.get_submodule(_parent(names[0])) if _parent(names[0]) else model
+        parent.register_forward_hook(lambda module, args, output, group=group: group.clear())
         fused_groups.append(names)
     return fused_groups
 

@@ -310,6 +310,8 @@ class OnnxRuntimeRunner:
                  verification: bool = True, extra_outputs: list[str] | None = None):
         import onnxruntime as ort
 
+        if extra_outputs and not verification:
+            raise ValueError("OnnxRuntimeRunner: extra_outputs needs the verification copy (verification=True)")
         self.path = Path(path)
         self.notes: list[str] = []
         self._tmp = None

@@ -38,6 +38,21 @@ def _probe_cpu_scaled_mm() -> bool:
 CPU_SCALED_MM = _probe_cpu_scaled_mm()
 
 
+def _rowwise_native(device: torch.device) -> bool:
+    """Whether _scaled_mm's row-wise scales (BF16 out) run on `device`: Hopper and later on CUDA (the
+    SM90 kernel; Ada has none), and a CPU build that accepts them (probed)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (9, 0)
+    if not CPU_SCALED_MM:
+        return False
+    try:
+        a = torch.zeros(16, 16, dtype=FP8_DTYPE)
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 def quantize_e4m3(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """x * (448 / amax) saturated to ±448, then cast: the same arithmetic as ModelOpt's FP8 fake quant.
 
@@ -93,6 +108,7 @@ class FP8Linear(nn.Module):
         # Fast accumulation (the FP8 tensor cores' own accumulator, as torchao's inference default):
         # faster, and within the FP8 quantization error at the K of transformer layers.
         self.use_fast_accum = use_fast_accum
+        self.rowwise_native = False  # set by concat: whether _scaled_mm's row-wise mode runs here
 
     @classmethod
     def from_amax(cls, weight: torch.Tensor, weight_amax: torch.Tensor, input_amax: torch.Tensor,
@@ -119,8 +135,10 @@ class FP8Linear(nn.Module):
             return None
         scales = torch.cat([m.weight_scale.expand(m.out_features) for m in layers])
         bias = None if first.bias is None else torch.cat([m.bias for m in layers])
-        return cls(torch.cat([m.weight for m in layers]), scales, first.input_scale, bias, first.use_fast_accum,
-                   input_inv_scale=first.input_inv_scale)
+        joined = cls(torch.cat([m.weight for m in layers]), scales, first.input_scale, bias, first.use_fast_accum,
+                     input_inv_scale=first.input_inv_scale)
+        joined.rowwise_native = _rowwise_native(first.weight.device)
+        return joined
 
     def _apply(self, fn, recurse=True):
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -136,6 +154,20 @@ class FP8Linear(nn.Module):
         bias = self.bias
         scale_a, scale_b = self.input_scale, self.weight_scale
         rowwise = scale_b.dim() == 1
+        if rowwise and not (self.rowwise_native and out_dtype == torch.bfloat16 and bias is None):
+            # _scaled_mm's row-wise mode gives BF16 only (and needs Hopper+ on CUDA), and a bias added
+            # after its BF16 rounding would round twice: otherwise one per-tensor FP8 GEMM into FP32,
+            # each output column times its weight scale, the bias, one rounding.
+            one = torch.ones((), dtype=torch.float32, device=x_fp8.device)
+            if x.is_cuda or CPU_SCALED_MM:
+                out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a, one, out_dtype=torch.float32,
+                                       use_fast_accum=self.use_fast_accum and x.is_cuda)
+            else:
+                out = fp8_matmul_reference(x_fp8, self.weight, scale_a, one, None, torch.float32)
+            out = out * scale_b
+            if bias is not None:
+                out = out + bias.float()
+            return out.to(out_dtype).reshape(*lead, self.out_features)
         if rowwise:  # _scaled_mm's row-wise mode: one FP32 scale per row of x, one per column of the output
             scale_a, scale_b = scale_a.expand(x_fp8.shape[0], 1).contiguous(), scale_b.reshape(1, -1)
         if x.is_cuda or CPU_SCALED_MM:
@@ -363,7 +395,11 @@ class TorchFP8Runner:
         return self.fused
 
     def compile(self, regional: bool = True, **compile_kwargs: Any) -> None:
-        """torch.compile the converted model (see compile_model); the first run of each shape compiles."""
+        """torch.compile the converted model (see compile_model); the first run of each shape compiles.
+        Before the first batch has been fused, this only asks for compilation after fusing."""
+        if self.fused is None:
+            self._compile_pending = {"regional": regional, **compile_kwargs}
+            return
         if not self.compiled:
             self.model = compile_model(self.model, regional=regional, **compile_kwargs)
             self.compiled = True

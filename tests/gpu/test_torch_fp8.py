@@ -144,11 +144,13 @@ def test_compare_runs_torch_fp8_like_the_other_runtimes(tmp_path):
 
 
 class QKV(nn.Module):
-    """Three projections of one tensor (a GQA attention's q/k/v shapes) and an output projection."""
+    """Three projections of one tensor (a GQA attention's q/k/v shapes, no bias as in Llama: the
+    row-wise BF16 path) and an output projection."""
 
     def __init__(self, d: int = 256, kv: int = 64):
         super().__init__()
-        self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv), nn.Linear(d + 2 * kv, d)
+        self.q, self.k, self.v = (nn.Linear(d, n, bias=False) for n in (d, kv, kv))
+        self.o = nn.Linear(d + 2 * kv, d)
 
     def forward(self, x):
         return x + self.o(torch.cat([self.q(x), self.k(x), F.gelu(self.v(x))], dim=-1))

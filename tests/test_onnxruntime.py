@@ -285,3 +285,20 @@ def test_shared_blocks_are_compared_end_to_end_only():
     assert block_names(shared_model().model) == []
     assert find_boundaries(shared_model().model, onnx.ModelProto()) is None
     assert block_names(stemmed_model().model) == ["blocks.0", "blocks.1"]
+
+
+def test_a_cast_added_by_surgery_stays_inside_its_block():
+    """A node without a scope (graph surgery's Cast) belongs where its input was computed: it does
+    not make the tensor it reads look like one leaving the block."""
+    from onnx import TensorProto, helper
+
+    from quantkit.export.graph import GraphIndex, scope_boundary
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="/model/blocks.0/A/Relu"),
+             helper.make_node("Cast", ["a"], ["a_bf16"], name="a_bf16", to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["a_bf16"], ["b"], name="/model/blocks.0/B/Relu"),
+             helper.make_node("Relu", ["b"], ["y"], name="/model/head/Relu")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [io[0]], [io[1]]))
+    index = GraphIndex.build(model, scope_prefix="model")
+    assert scope_boundary(index, "blocks.0") == ([], ["b"])

@@ -75,6 +75,11 @@ def find_boundaries(model: nn.Module, graph: Any) -> BlockBoundaries | None:
     # By structure, not by value: a block's output is what the next block reads (or a graph output),
     # its input what the previous block wrote — where the graph says so.
     returned = set(index.graph_outputs)
+    last = blocks[-1]  # the last block's output is what the head reads: not consumed by any block
+    in_blocks = {t for b in blocks for t in entering[b]}
+    tail = [t for t in leaving[last] if t not in in_blocks]
+    if tail:
+        leaving[last] = tail
     for prev, nxt in zip(blocks, blocks[1:]):
         chained = [t for t in leaving[prev] if t in entering[nxt] or t in returned]
         if chained:

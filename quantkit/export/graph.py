@@ -140,9 +140,20 @@ def within_scope(module: str, scope: str) -> bool:
 
 def scope_boundary(index: "GraphIndex", module: str) -> tuple[list[str], list[str]]:
     """(tensors entering, tensors leaving) the nodes of `module`'s scope: computed outside (not
-    constants, not graph inputs) and read inside, or computed inside and read outside or returned."""
+    constants, not graph inputs) and read inside, or computed inside and read outside or returned.
+
+    A node without a scope of its own (a Cast that graph surgery added) belongs where its first
+    input was computed, so a cast inside a block does not count as leaving it."""
+    scopes: dict[int, str] = {}
+    for node in index.model.graph.node:  # topological order: producers come first
+        scope = index.module_of(node)
+        if not scope and node.input and not node.name.startswith("/"):
+            producer = index.producer.get(node.input[0])
+            scope = scopes.get(id(producer), "") if producer is not None else ""
+        scopes[id(node)] = scope
+
     def inside(node: onnx.NodeProto) -> bool:
-        return within_scope(index.module_of(node), module)
+        return within_scope(scopes.get(id(node), ""), module)
 
     entering: list[str] = []
     leaving: list[str] = []

@@ -182,22 +182,29 @@ def test_reference_compares_each_block_fed_the_graphs_own_input(exported_run):
     assert report["onnxruntime"]["verdict"] == "per block" and report["onnxruntime"]["passed"] is True
 
 
-def test_a_wrong_scale_in_one_block_fails_that_block_and_no_other(exported_run, tmp_path):
-    """A weight DequantizeLinear in blocks.1 with its scale off by 25 %: the per-block check names
-    blocks.1, and blocks.0 (fed the same input as PyTorch) still matches."""
+def _with_weight_scale_off(path, quantizer: str, factor: float, tmp_path):
+    """A copy of the graph at `path` with the weight DequantizeLinear of `quantizer` scaled by `factor`."""
     from onnx import numpy_helper
 
     from quantkit.export.graph import GraphIndex
-    from quantkit.export.reference import reference_run
 
-    model = onnx.load(str(exported_run / "model.onnx"))
+    model = onnx.load(str(path))
     index = GraphIndex.build(model)
     target = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
-                  and index.module_of(n) == "blocks.1.up.weight_quantizer" and n.input[1] in index.initializers)
+                  and index.module_of(n) == quantizer and n.input[1] in index.initializers)
     scale = index.initializers[target.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.25, scale.name))
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * factor, scale.name))
     broken = tmp_path / "broken.onnx"
     onnx.save(model, str(broken))
+    return broken
+
+
+def test_a_wrong_scale_in_one_block_fails_that_block_and_no_other(exported_run, tmp_path):
+    """A weight DequantizeLinear in blocks.1 with its scale off by 25 %: the per-block check names
+    blocks.1, and blocks.0 (fed the same input as PyTorch) still matches."""
+    from quantkit.export.reference import reference_run
+
+    broken = _with_weight_scale_off(exported_run / "model.onnx", "blocks.1.up.weight_quantizer", 1.25, tmp_path)
     result = reference_run(exported_run, onnx_path=broken, update_report=False)
     cos = {k: m.cosine for k, m in result.per_block.items()}
     assert cos["blocks.0"] >= 0.9999 and cos["blocks.1"] < 0.999, cos
@@ -257,20 +264,11 @@ def _exported(tmp_path, loaded):
 def test_a_wrong_scale_before_the_first_block_fails_its_input_check(tmp_path):
     """Per block, the first block is fed the graph's input — so that input is checked too: an error in
     the stem (here the embedding's weight scale x 1.5) fails `blocks.0 input` while the blocks match."""
-    from onnx import numpy_helper
-
-    from quantkit.export.graph import GraphIndex
     from quantkit.export.reference import reference_run
 
     out = _exported(tmp_path, stemmed_model())
-    model = onnx.load(str(out / "model.onnx"))
-    index = GraphIndex.build(model)
-    target = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
-                  and index.module_of(n) == "embed.weight_quantizer" and n.input[1] in index.initializers)
-    scale = index.initializers[target.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
-    onnx.save(model, str(tmp_path / "broken.onnx"))
-    result = reference_run(out, onnx_path=tmp_path / "broken.onnx", update_report=False)
+    broken = _with_weight_scale_off(out / "model.onnx", "embed.weight_quantizer", 1.5, tmp_path)
+    result = reference_run(out, onnx_path=broken, update_report=False)
     cos = {k: m.cosine for k, m in result.per_block.items()}
     assert cos["blocks.0 input"] < 0.9995 and cos["blocks.0"] >= 0.9999 and cos["blocks.1 input"] >= 0.9999, cos
     assert not result

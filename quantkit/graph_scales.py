@@ -2,8 +2,8 @@
 
 In a FP16/BF16 model ModelOpt keeps each quantizer's amax in the model's dtype; its fake quant
 quantizes with x * (448 / amax) and dequantizes with 1 / (448 / amax), both in FP32, while its ONNX
-export writes dtype(amax / 448) into the graph. Unless amax / 448 is itself a FP16/BF16 number, the two steps differ by up to half an ulp and
-the dequantized values of the two runtimes differ (10 % of the first quantizer's outputs in a FP16
+export writes dtype(amax / 448) into the graph. Unless amax / 448 is itself a FP16/BF16 number,
+the two steps differ by up to half an ulp and the dequantized values of the two runtimes differ (10 % of the first quantizer's outputs in a FP16
 MiniLM, by one ulp each), which then flips FP8 roundings further on. After calibration each FP8
 amax moves up to the nearest value of its dtype for which both are the same number — amax / 448
 exact in the graph's dtype and 1 / (448 / amax) exact in FP32 — so the graph dequantizes with the
@@ -29,18 +29,15 @@ def snap_amax(amax: torch.Tensor, graph_dtype: torch.dtype, maxbound: float = FP
     both in `graph_dtype` and as ModelOpt's FP32 1 / (maxbound / amax); elements with no such value
     within the search, amax below the smallest normal 16-bit step and non-finite values keep theirs."""
     usable = torch.isfinite(amax) & (amax >= torch.finfo(graph_dtype).tiny * maxbound)
+    # Only candidates >= amax (never clip more): nothing below it is ever taken.
     if amax.dtype == torch.float32:  # wider than the graph: candidates are 16-bit steps x maxbound
         step = (amax.double() / maxbound).to(graph_dtype)
         up = torch.nextafter(step, torch.full_like(step, float("inf")))
-        down = torch.nextafter(step, torch.full_like(step, -float("inf")))
-        candidates = [(s.double() * maxbound).float() for s in (step, up, down)]
+        candidates = [(s.double() * maxbound).float() for s in (step, up)]
     else:
-        up, down = amax.clone(), amax.clone()
         candidates = [amax]
         for _ in range(_SEARCH_ULPS):
-            up = torch.nextafter(up, torch.full_like(up, float("inf")))
-            down = torch.nextafter(down, torch.full_like(down, -float("inf")))
-            candidates += [up, down]
+            candidates.append(torch.nextafter(candidates[-1], torch.full_like(amax, float("inf"))))
     best = amax.clone()
     best_err = torch.full(amax.shape, float("inf"), dtype=torch.float64, device=amax.device)
     for c in candidates:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from quantkit import console
-from quantkit.graph_scales import snap_fp8_amax
 from quantkit.errors import CalibrationError, InputError, PlanError, QuantkitError
+from quantkit.graph_scales import snap_fp8_amax
 from quantkit.models import DTYPES, LoadedModel, load_model
 from quantkit.plan import Plan, make_plan
 from quantkit.recipe import FORMATS, Precision, Recipe, load_recipe

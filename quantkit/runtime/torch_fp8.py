@@ -24,33 +24,31 @@ _SCALED_MM_OUT = (torch.bfloat16, torch.float16)  # output dtypes _scaled_mm can
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (SM89) and Hopper (SM90) and later have FP8 tensor cores
 
 
-def _probe_cpu_scaled_mm() -> bool:
+def _cpu_scaled_mm_runs(rowwise: bool = False) -> bool:
+    """Whether this torch build's CPU _scaled_mm runs per-tensor scales (FP32 out) or row-wise ones (BF16 out)."""
     try:
         a = torch.zeros(16, 16, dtype=FP8_DTYPE)
-        one = torch.ones((), dtype=torch.float32)
-        torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)
+        if rowwise:
+            torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+        else:
+            one = torch.ones((), dtype=torch.float32)
+            torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)
         return True
     except (RuntimeError, NotImplementedError, AttributeError, TypeError):
         return False
 
 
-# Decided once at import, outside any compiled region: whether this torch build has a CPU _scaled_mm.
-CPU_SCALED_MM = _probe_cpu_scaled_mm()
+# Decided once at import, outside any compiled region: what this torch build's CPU _scaled_mm runs.
+CPU_SCALED_MM = _cpu_scaled_mm_runs()
+CPU_SCALED_MM_ROWWISE = CPU_SCALED_MM and _cpu_scaled_mm_runs(rowwise=True)
 
 
 def _rowwise_native(device: torch.device) -> bool:
     """Whether _scaled_mm's row-wise scales (BF16 out) run on `device`: Hopper and later on CUDA (the
-    SM90 kernel; Ada has none), and a CPU build that accepts them (probed)."""
+    SM90 kernel; Ada has none), and a CPU build that accepts them (probed at import)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (9, 0)
-    if not CPU_SCALED_MM:
-        return False
-    try:
-        a = torch.zeros(16, 16, dtype=FP8_DTYPE)
-        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+    return CPU_SCALED_MM_ROWWISE
 
 
 def quantize_e4m3(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
@@ -151,35 +149,37 @@ class FP8Linear(nn.Module):
         out_dtype = x.dtype
         lead = x.shape[:-1]
         x_fp8 = quantize_e4m3(x.reshape(-1, self.in_features), self.input_inv_scale)
-        bias = self.bias
-        scale_a, scale_b = self.input_scale, self.weight_scale
-        rowwise = scale_b.dim() == 1
-        if rowwise and not (self.rowwise_native and out_dtype == torch.bfloat16 and bias is None):
-            # _scaled_mm's row-wise mode gives BF16 only (and needs Hopper+ on CUDA), and a bias added
-            # after its BF16 rounding would round twice: otherwise one per-tensor FP8 GEMM into FP32,
-            # each output column times its weight scale, the bias, one rounding.
+        bias, scale_a, scale_b = self.bias, self.input_scale, self.weight_scale
+        if scale_b.dim() == 0:
+            out = self._gemm(x_fp8, scale_a, scale_b, bias, out_dtype)
+        elif self.rowwise_native and out_dtype == torch.bfloat16 and bias is None:
+            # _scaled_mm's row-wise mode: one FP32 scale per row of x, one per column of the output
+            out = self._gemm(x_fp8, scale_a.expand(x_fp8.shape[0], 1).contiguous(), scale_b.reshape(1, -1), None,
+                             out_dtype)
+        else:
+            # Row-wise mode gives BF16 only (and needs Hopper+ on CUDA), and a bias added after its BF16
+            # rounding would round twice: one per-tensor FP8 GEMM into FP32, each output column times
+            # its weight scale, the bias, one rounding.
             one = torch.ones((), dtype=torch.float32, device=x_fp8.device)
-            if x.is_cuda or CPU_SCALED_MM:
-                out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a, one, out_dtype=torch.float32,
-                                       use_fast_accum=self.use_fast_accum and x.is_cuda)
-            else:
-                out = fp8_matmul_reference(x_fp8, self.weight, scale_a, one, None, torch.float32)
-            out = out * scale_b
+            out = self._gemm(x_fp8, scale_a, one, None, torch.float32) * scale_b
             if bias is not None:
                 out = out + bias.float()
-            return out.to(out_dtype).reshape(*lead, self.out_features)
-        if rowwise:  # _scaled_mm's row-wise mode: one FP32 scale per row of x, one per column of the output
-            scale_a, scale_b = scale_a.expand(x_fp8.shape[0], 1).contiguous(), scale_b.reshape(1, -1)
-        if x.is_cuda or CPU_SCALED_MM:
-            fused_bias = bias is not None and out_dtype in _SCALED_MM_OUT and not rowwise
-            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a, scale_b,
-                                   bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
-                                   use_fast_accum=self.use_fast_accum and x.is_cuda)
-            if bias is not None and not fused_bias:
-                out = out + bias.to(out_dtype)
-        else:
-            out = fp8_matmul_reference(x_fp8, self.weight, scale_a, scale_b, bias, out_dtype)
+            out = out.to(out_dtype)
         return out.reshape(*lead, self.out_features)
+
+    def _gemm(self, x_fp8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+        """torch._scaled_mm where this build runs it (the bias fused where the output dtype allows),
+        else the same arithmetic written out."""
+        if not (x_fp8.is_cuda or CPU_SCALED_MM):
+            return fp8_matmul_reference(x_fp8, self.weight, scale_a, scale_b, bias, out_dtype)
+        fused_bias = bias is not None and out_dtype in _SCALED_MM_OUT
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a, scale_b,
+                               bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
+                               use_fast_accum=self.use_fast_accum and x_fp8.is_cuda)
+        if bias is not None and not fused_bias:
+            out = out + bias.to(out_dtype)
+        return out
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())

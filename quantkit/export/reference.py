@@ -50,13 +50,22 @@ class ReferenceResult:
     def worst_cosine_per_block(self) -> float:
         return self._worst(self.per_block) if self.per_block else float("nan")
 
+    @property
+    def verdict(self) -> str:
+        """What the pass/fail reads: "per block" where the model has blocks, else "end to end"."""
+        return "per block" if self.per_block else "end to end"
+
+    @property
+    def worst_cosine(self) -> float:
+        """The worst cosine the verdict reads."""
+        return self.worst_cosine_per_block if self.per_block else self.worst_cosine_vs_fake_quant
+
     def __bool__(self) -> bool:
-        worst = self.worst_cosine_per_block if self.per_block else self.worst_cosine_vs_fake_quant
-        return worst >= self.cosine_min
+        return self.worst_cosine >= self.cosine_min
 
     def to_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "notes": self.notes, "cosine_min": self.cosine_min,
-                "verdict": "per block" if self.per_block else "end to end", "passed": bool(self),
+                "verdict": self.verdict, "passed": bool(self),
                 "vs_fp32": {k: m.to_dict() for k, m in self.vs_fp32.items()},
                 "vs_fake_quant": {k: m.to_dict() for k, m in self.vs_fake_quant.items()},
                 "per_block": {k: m.to_dict() for k, m in (self.per_block or {}).items()}}
@@ -143,10 +152,8 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
         report["onnxruntime_vs_fake_quant"] = {k: m.to_dict() for k, m in result.vs_fake_quant.items()}
         report["onnxruntime_vs_fake_quant_per_block"] = {k: m.to_dict() for k, m in (result.per_block or {}).items()}
         report.setdefault("onnxruntime", {}).update(
-            {"verdict": "per block" if result.per_block else "end to end", "cosine_min": result.cosine_min,
-             "passed": bool(result)})
-        report.setdefault("onnxruntime", {}).update(
-            {"graph": onnx_path.name, "samples": result.samples, "verification_copy": notes,
+            {"verdict": result.verdict, "cosine_min": result.cosine_min, "passed": bool(result),
+             "graph": onnx_path.name, "samples": result.samples, "verification_copy": notes,
              "graph_optimization": "disabled (ORT_DISABLE_ALL)", "seconds": round(time.perf_counter() - t0, 2)})
         atomic_write_json(path, report)
     return result
@@ -164,7 +171,7 @@ def print_reference(result: ReferenceResult) -> None:
     for note in result.notes:
         console.info(f"verification copy: {note}")
     basis = "every block and the head, each fed the graph's own input" if result.per_block else "end to end"
-    worst = result.worst_cosine_per_block if result.per_block else result.worst_cosine_vs_fake_quant
+    worst = result.worst_cosine
     if result:
         console.info(f"ONNX Runtime matches the fake-quant model ({basis}): worst cosine {worst:.6f} >= {result.cosine_min}")
     else:

@@ -53,9 +53,9 @@ def block_names(model: nn.Module) -> list[str]:
     from quantkit.runtime.torch_fp8 import repeated_blocks
 
     blocks = repeated_blocks(model)
-    if len({id(b) for b in blocks}) != len(blocks):
-        return []
     ids = {id(b) for b in blocks}
+    if len(ids) != len(blocks):
+        return []
     return [name for name, m in model.named_modules() if id(m) in ids]
 
 

@@ -16,6 +16,7 @@ the graph (tests/test_torch_fp8.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -106,9 +107,7 @@ def shared_input_groups(model: nn.Module, run: Callable[[], Any],
         for h in handles:
             h.remove()
         previous[0] = None
-    times: dict[str, int] = {}
-    for name, _ in calls:
-        times[name] = times.get(name, 0) + 1
+    times = Counter(name for name, _ in calls)
     groups: list[list[str]] = []
     current: list[str] = []
     for name, same in calls:

@@ -25,11 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_gpu  # noqa: E402
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()))
+from bench_gpu import cosine  # noqa: E402
+from quantkit.runtime.torch_fp8 import quantize_e4m3  # noqa: E402
 
 
 def main() -> None:
@@ -60,8 +57,9 @@ def main() -> None:
 
 
 def _fp8(x: torch.Tensor, amax: float) -> torch.Tensor:
+    """x fake-quantized to FP8 E4M3 with a per-tensor amax: the runtime's quantization, dequantized."""
     scale = 448.0 / amax
-    return (x * scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() / scale
+    return quantize_e4m3(x, torch.tensor(scale)).float() / scale
 
 
 def fp8_budget(model: torch.nn.Module, ids: torch.Tensor, cfg: dict, reference: torch.Tensor) -> None:

@@ -211,7 +211,7 @@ def _open_tensorrt(run, out_dir: Path, device: torch.device) -> _GraphRuntime:
     engine, metadata = out_dir / ENGINE_NAME, out_dir / METADATA_NAME
     if not engine.is_file():
         # Say first that TensorRT itself is missing: an engine would not run here either. find_spec
-        # looks without importing (tensorrt is imported only in runtime/tensorrt.py).
+        # looks without importing (tensorrt is imported only in runtime/tensorrt/backend.py).
         if importlib.util.find_spec("tensorrt") is None:
             raise RuntimeUnavailable(f"TensorRT is not installed here, and there is no {ENGINE_NAME} in {out_dir} "
                                      f"(on a machine with TensorRT and a GPU: `quantkit build --from {out_dir}`, "

@@ -132,7 +132,7 @@ def test_nvfp4_export_keeps_trt_form_and_runs_on_ort(tmp_path):
     from tests.test_export import export_tiny
 
     from quantkit.export.audit import audit
-    from quantkit.export.trt_requirements import min_tensorrt_version
+    from quantkit.trt_requirements import min_tensorrt_version
     from quantkit.metrics import compare
 
     loaded, plan, graph, surgery, ref, x = export_tiny("nvfp4", tmp_path, opset=23)

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import ExportError, InputError, TensorRTUnavailable
-from quantkit.export import trt_requirements as req
+from quantkit import trt_requirements as req
 from quantkit.runtime import tensorrt as qtrt
 from quantkit.runtime.tensorrt import EngineMetadata, ShapeProfile, parse_shape_spec, parse_shape_specs
 
@@ -510,7 +510,7 @@ def fake_trt(monkeypatch):
     def install(**kwargs):
         fake = FakeTRT(**kwargs)
         monkeypatch.setitem(sys.modules, "tensorrt", fake)
-        monkeypatch.setattr(qtrt, "_gpu_identity", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+        monkeypatch.setattr(qtrt.backend, "gpu_identity", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
         return fake
     return install
 

@@ -458,7 +458,7 @@ def export_run(out_dir: str | os.PathLike, dynamic_axes: dict[str, dict[int, str
 
     dynamic_axes and opset override the recipe's `export:` section (itself defaulting to batch and
     sequence axes and the lowest opset the recipe's formats need)."""
-    from quantkit.export.trt_requirements import format_version, min_tensorrt_version
+    from quantkit.trt_requirements import format_version, min_tensorrt_version
     from quantkit.outdir import atomic_write_json
     from quantkit.ptq import load_quantized
 

@@ -131,16 +131,120 @@ def _register_collect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=collect.run)
 
 
-def _register_export(sub: argparse._SubParsersAction) -> None:
-    from quantkit.export.onnx_export import register_export
+def parse_dynamic_axes(items: list[str] | None) -> dict[str, dict[int, str]] | None:
+    """--dynamic-axis input_ids:0=batch,1=sequence (repeatable)."""
+    if not items:
+        return None
+    out: dict[str, dict[int, str]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not name or not rest:
+            raise InputError(f"--dynamic-axis {item!r}: expected NAME:AXIS=DIM[,AXIS=DIM...], e.g. input_ids:0=batch,1=seq")
+        for part in rest.split(","):
+            axis, eq, dim = part.partition("=")
+            if not eq or not axis.strip().lstrip("-").isdigit() or not dim.strip():
+                raise InputError(f"--dynamic-axis {item!r}: {part!r} is not AXIS=DIM")
+            out.setdefault(name, {})[int(axis)] = dim.strip()
+    return out
 
-    register_export(sub)
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantkit.export.audit import audit, print_audit, write_audit
+    from quantkit.export.onnx_export import export_run
+
+    out_dir = Path(args.out_dir)
+    result = export_run(out_dir, dynamic_axes=parse_dynamic_axes(args.dynamic_axis), opset=args.opset,
+                        device=args.device, weights_dtype=args.weights_dtype)
+    info = result.info
+    console.show(console.rows_table(
+        "export", ("what", "value"),
+        [("graph", f"{result.onnx_path} ({info['size_bytes'] / 2**20:.1f} MiB"
+          + (", external data" if result.external_data else "") + ")"),
+         ("opset", str(info["opset"])),
+         ("inputs", ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in info["inputs"])),
+         ("outputs", ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in info["outputs"])),
+         ("TensorRT", f">= {info['min_tensorrt_version']}"),
+         ("surgery", ", ".join(f"{k} {v}" for k, v in info["surgery"]["passes"].items()) or "none")]))
+    status = 0
+    if not args.no_audit:
+        plan = json.loads((out_dir / "plan.json").read_text()) if (out_dir / "plan.json").is_file() else None
+        result_audit = audit(result.onnx_path, plan)
+        write_audit(result_audit, out_dir / "audit.json")
+        print_audit(result_audit)
+        status = 0 if result_audit else 1
+    if not args.no_reference:
+        from quantkit.verify.ort_copy import UnsupportedGraph
+        from quantkit.verify.reference import print_reference, reference_run
+
+        try:
+            print_reference(reference_run(out_dir, max_samples=args.max_samples))
+        except UnsupportedGraph as e:  # the graph is written and audited; only the cross-check cannot run
+            console.warn(f"ONNX Runtime reference skipped: {e}. {out_dir}/model.onnx is written and audited; "
+                         "a TensorRT build may still take it")
+    return status
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a quantize output folder to ONNX (model.onnx, export.json), audit it "
+                       "and compare ONNX Runtime with the PyTorch model")
+    p.add_argument("--from", dest="out_dir", required=True, metavar="OUT",
+                   help="a `quantize --out` folder; model.onnx, export.json and audit.json are written into it")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the recipe's, else the lowest "
+                   "the formats need: 19 for FP8/INT8, 23 for NVFP4)")
+    p.add_argument("--dynamic-axis", action="append", default=None, metavar="NAME:AXIS=DIM[,...]",
+                   help="dynamic dimension(s) of an input or output (repeatable); default: the recipe's, else "
+                   "batch (and sequence for token models)")
+    p.add_argument("--weights-dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="float dtype of unquantized weights (default: the recipe's export.weights_dtype)")
+    p.add_argument("--device", default="cpu", help="device to rebuild the model on for the export (default cpu)")
+    p.add_argument("--no-audit", action="store_true", help="skip the precision audit of the exported graph")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the ONNX Runtime reference run (outputs vs fake-quant and FP32 into report.json)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="held-out samples for the ONNX Runtime reference run (default: all of them)")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantkit.export.audit import audit, print_audit, write_audit
+
+    path = Path(args.onnx)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file")
+    plan_path = Path(args.plan) if args.plan else path.parent / "plan.json"
+    plan = None
+    if not args.no_plan and plan_path.is_file():
+        try:
+            plan = json.loads(plan_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{plan_path}: not valid JSON ({e})") from None
+    elif args.plan and not args.no_plan:
+        raise InputError(f"{plan_path}: no such plan file")
+    result = audit(path, plan)
+    write_audit(result, Path(args.out) if args.out else path.parent / "audit.json")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_audit(result)
+    return 0 if result else 1
 
 
 def _register_audit(sub: argparse._SubParsersAction) -> None:
-    from quantkit.export.audit import register_audit
-
-    register_audit(sub)
+    p = sub.add_parser("audit", help="read an exported graph's precisions (Q/DQ, softmax, norms, RoPE) and check "
+                       "them against the plan; exit 1 on a violation")
+    p.add_argument("onnx", help="the graph to audit (e.g. OUT/model.onnx)")
+    p.add_argument("--plan", default=None, help="plan.json to check against (default: plan.json beside the graph, "
+                   "if there is one)")
+    p.add_argument("--no-plan", action="store_true", help="report only; do not check against a plan")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
+    p.add_argument("--out", default=None, help="where to write audit.json (default: beside the graph)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no info lines")
+    p.set_defaults(func=cmd_audit)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

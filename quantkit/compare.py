@@ -173,7 +173,7 @@ class _GraphRuntime:
         self.notes: list[str] = list(getattr(runner, "notes", []))
 
     def run_batch(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from quantkit.export.reference import named_inputs
+        from quantkit.verify.reference import named_inputs
 
         out = self.runner.run(named_inputs(self.loaded, args, kwargs))
         missing = [n for n in self.loaded.output_names if n not in out]
@@ -197,10 +197,10 @@ def _open_onnxruntime(run, out_dir: Path, device: torch.device) -> _GraphRuntime
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise RuntimeUnavailable(f"onnxruntime is not installed ({e})") from None
-    from quantkit.runtime.onnxruntime import OnnxRuntimeRunner, UnsupportedGraph
+    from quantkit.verify.ort_copy import UnsupportedGraph, verification_runner
 
     try:
-        return _GraphRuntime(OnnxRuntimeRunner(path), run.loaded)
+        return _GraphRuntime(verification_runner(path), run.loaded)
     except UnsupportedGraph as e:  # e.g. TensorRT custom ops: not something ORT can check
         raise RuntimeUnavailable(str(e)) from None
 
@@ -289,7 +289,7 @@ def compare(out_dir: str | Path, *, against: str = "fp32", runtimes: Sequence[st
     such); one named here that cannot run is an InputError, as is an `against` that cannot run.
     """
     from quantkit import ptq
-    from quantkit.export.reference import heldout_samples
+    from quantkit.verify.reference import heldout_samples
     from quantkit.models import DTYPES
 
     if against not in REFERENCES:

@@ -3,7 +3,8 @@
 `min_tensorrt_version(model_or_path)` scans the ONNX graph (subgraphs and local functions
 included) for the low-precision features a strongly-typed TensorRT build must support and returns
 the newest minimum among them, with one human-readable reason per feature found. It loads the file
-without external data, so it costs a few milliseconds even for multi-GB models.
+without external data, so it costs a few milliseconds even for multi-GB models. It lives at the top
+level because export/ records it in export.json and runtime/tensorrt checks it before a build.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ RMSNorm and RoPE patterns are found with the dtype they compute in."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import ml_dtypes
@@ -15,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.test_export import export_tiny
 
-from quantkit.export.audit import audit, register_audit
+from quantkit.cli import main as cli_main
+from quantkit.export.audit import audit
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +124,11 @@ def test_audit_cli_exits_1_and_writes_audit_json(exported, tmp_path):
     _insert_fp16_softmax(model)
     onnx.save(model, str(tmp_path / "model.onnx"))
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    parser = argparse.ArgumentParser()
-    register_audit(parser.add_subparsers())
-    args = parser.parse_args(["audit", str(tmp_path / "model.onnx"), "-q"])
-    assert args.func(args) == 1
+    assert cli_main(["audit", str(tmp_path / "model.onnx"), "-q"]) == 1
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written["passed"] is False and written["violations"]
-    args = parser.parse_args(["audit", str(tmp / "model.onnx"), "--plan", str(tmp / "plan.json"), "--out",
-                              str(tmp_path / "ok.json")])
-    assert args.func(args) == 0
+    assert cli_main(["audit", str(tmp / "model.onnx"), "--plan", str(tmp / "plan.json"), "--out",
+                     str(tmp_path / "ok.json")]) == 0
 
 
 def _norm_and_rope_graph(fp32: bool) -> onnx.ModelProto:

@@ -219,10 +219,10 @@ def test_fp16_model_fp8_export_runs_in_fp16(tmp_path):
     matmuls = [n for n in full.graph.node if n.op_type == "MatMul"]
     assert matmuls and all(index.dtype(n.output[0]) == FLOAT16 for n in matmuls)
     assert full.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, "io_dtype fp32: output cast back"
-    from quantkit.runtime.onnxruntime import OnnxRuntimeRunner
+    from quantkit.verify.ort_copy import verification_runner
 
     # The runner rounds every FP16 tensor as written (ONNX Runtime's CPU fallbacks would skip roundings).
-    runner = OnnxRuntimeRunner(tmp_path / "model.onnx")
+    runner = verification_runner(tmp_path / "model.onnx")
     out = runner.run({"x": x.float()})["y"].numpy()
     c = cosine(ref, out)
     # 0.99996 measured before FP8 amax was snapped to FP16-exact scales (quantkit/graph_scales.py).
@@ -265,7 +265,8 @@ def test_snap_amax_makes_the_fp8_step_exact_in_16_bits_and_in_modelopt():
 
 
 def test_default_opset_and_axes():
-    from quantkit.export.onnx_export import default_dynamic_axes, default_opset, parse_dynamic_axes
+    from quantkit.cli import parse_dynamic_axes
+    from quantkit.export.onnx_export import default_dynamic_axes, default_opset
 
     assert default_opset([{"weights": "fp8", "activations": "fp8"}], "skip") == 19
     assert default_opset([{"weights": "nvfp4", "activations": "nvfp4"}], "fp8") == 23
@@ -346,20 +347,15 @@ def test_real_graph_over_2gb_saves_with_external_data_and_loads_back(tmp_path):
 
 
 def test_export_cli_writes_graph_audit_and_reference(run_dir, tmp_path):
-    import argparse
     import shutil
 
     from quantkit import console
-    from quantkit.export.onnx_export import register_export
+    from quantkit.cli import main
 
     out = tmp_path / "cli"
     shutil.copytree(run_dir, out)
-    parser = argparse.ArgumentParser()
-    register_export(parser.add_subparsers())
-    args = parser.parse_args(["export", "--from", str(out), "--dynamic-axis", "x:0=batch", "-q"])
-    console.set_quiet(True)
     try:
-        assert args.func(args) == 0
+        assert main(["export", "--from", str(out), "--dynamic-axis", "x:0=batch", "-q"]) == 0
     finally:
         console.set_quiet(False)
     info = json.loads((out / "export.json").read_text())

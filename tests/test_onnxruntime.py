@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.test_export import save_tiny_run
 
 from quantkit.runtime import Runner
-from quantkit.runtime.onnxruntime import OnnxRuntimeRunner, verification_copy
+from quantkit.verify.ort_copy import verification_copy, verification_runner
 
 
 def _fp4_dynamic_graph(k: int, global_scale: float) -> onnx.ModelProto:
@@ -42,7 +42,7 @@ def test_dynamic_nvfp4_emulation_matches_modelopt_fake_quant_exactly(tmp_path):
     global_amax = x.abs().max()
     path = tmp_path / "fp4.onnx"
     onnx.save(_fp4_dynamic_graph(64, float(nvfp4_global_scale(global_amax))), str(path))
-    runner = OnnxRuntimeRunner(path)
+    runner = verification_runner(path)
     assert any("TRT_FP4DynamicQuantize" in n for n in runner.notes)
     out = runner.run({"x": x})["y"]
     ref = nvfp4_fake_quantize(x, global_amax)
@@ -55,7 +55,7 @@ def test_runner_interface_and_input_casts(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s"])])
     path = tmp_path / "cast.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
-    runner = OnnxRuntimeRunner(path)
+    runner = verification_runner(path)
     assert isinstance(runner, Runner) and runner.name == "onnxruntime"
     out = runner.run({"ids": torch.tensor([[1, 2, 3]], dtype=torch.int32)})
     assert isinstance(out["y"], torch.Tensor) and out["y"].tolist() == [[1.0, 2.0, 3.0]]
@@ -97,7 +97,7 @@ def test_half_graph_rounds_every_tensor_like_pytorch(tmp_path, half):
     gen = torch.Generator().manual_seed(0)
     feeds = {n: torch.randn(64, 256, generator=gen) * s for n, s in zip("abc", (1.0, 0.1, 0.1))}
     want = ((feeds["a"].to(torch_type) + feeds["b"].to(torch_type)) + feeds["c"].to(torch_type)).float()
-    runner = OnnxRuntimeRunner(path)
+    runner = verification_runner(path)
     assert runner.notes and "rounded" in runner.notes[0]
     assert torch.equal(runner.run(feeds)["y"], want)
 
@@ -112,7 +112,7 @@ def exported_run(tmp_path_factory):
 
 
 def test_reference_run_writes_report_metrics(exported_run):
-    from quantkit.export.reference import reference_run
+    from quantkit.verify.reference import reference_run
 
     result = reference_run(exported_run)
     report = json.loads((exported_run / "report.json").read_text())
@@ -147,7 +147,7 @@ def test_nvfp4_export_keeps_trt_form_and_runs_on_ort(tmp_path):
     result = audit(full, plan.to_dict())
     assert result, result.violations
     assert result.counts["compute_by_format"]["nvfp4"] == {"MatMul": 12}
-    out = OnnxRuntimeRunner(tmp_path / "model.onnx").run({"x": x})["y"]
+    out = verification_runner(tmp_path / "model.onnx").run({"x": x})["y"]
     m = compare(torch.from_numpy(ref), out)
     # ModelOpt computes NVFP4 MatMuls in FP16 even in an FP32 graph: FP16 rounding, not Q/DQ differences.
     assert m.cosine >= 0.999, f"ORT vs fake-quant cosine {m.cosine}"
@@ -156,7 +156,7 @@ def test_nvfp4_export_keeps_trt_form_and_runs_on_ort(tmp_path):
 def test_custom_ops_are_an_unsupported_graph_not_a_crash(tmp_path):
     """A TensorRT custom op has no ONNX Runtime kernel: a named UnsupportedGraph that export and compare
     turn into "reference skipped" / "not available", instead of a traceback."""
-    from quantkit.runtime.onnxruntime import UnsupportedGraph
+    from quantkit.verify.ort_copy import UnsupportedGraph
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
@@ -166,12 +166,12 @@ def test_custom_ops_are_an_unsupported_graph_not_a_crash(tmp_path):
     path = tmp_path / "custom.onnx"
     onnx.save(model, path)
     with pytest.raises(UnsupportedGraph, match="ONNX Runtime cannot run trt::TRT_SomethingCustom"):
-        OnnxRuntimeRunner(path)
+        verification_runner(path)
 
 
 def test_reference_compares_each_block_fed_the_graphs_own_input(exported_run):
     """Per block: the PyTorch block gets the tensor the graph fed its block; the head is checked too."""
-    from quantkit.export.reference import reference_run
+    from quantkit.verify.reference import reference_run
 
     result = reference_run(exported_run)
     # blocks.0 reads the graph input itself, so it has no separate input check; blocks.1's input is checked
@@ -202,7 +202,7 @@ def _with_weight_scale_off(path, quantizer: str, factor: float, tmp_path):
 def test_a_wrong_scale_in_one_block_fails_that_block_and_no_other(exported_run, tmp_path):
     """A weight DequantizeLinear in blocks.1 with its scale off by 25 %: the per-block check names
     blocks.1, and blocks.0 (fed the same input as PyTorch) still matches."""
-    from quantkit.export.reference import reference_run
+    from quantkit.verify.reference import reference_run
 
     broken = _with_weight_scale_off(exported_run / "model.onnx", "blocks.1.up.weight_quantizer", 1.25, tmp_path)
     result = reference_run(exported_run, onnx_path=broken, update_report=False)
@@ -264,7 +264,7 @@ def _exported(tmp_path, loaded):
 def test_a_wrong_scale_before_the_first_block_fails_its_input_check(tmp_path):
     """Per block, the first block is fed the graph's input — so that input is checked too: an error in
     the stem (here the embedding's weight scale x 1.5) fails `blocks.0 input` while the blocks match."""
-    from quantkit.export.reference import reference_run
+    from quantkit.verify.reference import reference_run
 
     out = _exported(tmp_path, stemmed_model())
     broken = _with_weight_scale_off(out / "model.onnx", "embed.weight_quantizer", 1.5, tmp_path)
@@ -278,7 +278,7 @@ def test_a_wrong_scale_before_the_first_block_fails_its_input_check(tmp_path):
 def test_shared_blocks_are_compared_end_to_end_only():
     """One block object used twice: its hooks would fire per use (and the export names the second use
     apart), so such a model gets no per-block comparison, only the end-to-end one."""
-    from quantkit.export.blockwise import block_names, find_boundaries
+    from quantkit.verify.blockwise import block_names, find_boundaries
 
     assert block_names(shared_model().model) == []
     assert find_boundaries(shared_model().model, onnx.ModelProto()) is None

@@ -198,7 +198,7 @@ def test_write_reports_failure_leaves_previous_files(tmp_path, sample, monkeypat
     def broken(report):
         raise RuntimeError("renderer broke")
 
-    monkeypatch.setattr(qr, "render_html", broken)
+    monkeypatch.setattr("quantkit.report.document.render_html", broken)
     with pytest.raises(RuntimeError, match="renderer broke"):
         qr.write_reports(sample, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -11,9 +11,7 @@ is truthy when there is no violation.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -432,52 +430,3 @@ def print_audit(result: PrecisionAudit) -> None:
             console.warn(f"  {v}")
     else:
         console.info("audit passed" + (" (checked against the plan)" if result.checked_against_plan else ""))
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: quantkit audit OUT/model.onnx [--plan OUT/plan.json]
-
-
-def add_audit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("onnx", help="the graph to audit (e.g. OUT/model.onnx)")
-    p.add_argument("--plan", default=None, help="plan.json to check against (default: plan.json beside the graph, "
-                   "if there is one)")
-    p.add_argument("--no-plan", action="store_true", help="report only; do not check against a plan")
-    p.add_argument("--json", action="store_true", help="print the audit as JSON")
-    p.add_argument("--out", default=None, help="where to write audit.json (default: beside the graph)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no info lines")
-
-
-def run_audit(args: argparse.Namespace) -> int:
-    from quantkit.errors import InputError
-
-    path = Path(args.onnx)
-    if not path.is_file():
-        raise InputError(f"{path}: no such ONNX file")
-    plan_path = Path(args.plan) if args.plan else path.parent / "plan.json"
-    plan = None
-    if not args.no_plan and plan_path.is_file():
-        try:
-            plan = json.loads(plan_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{plan_path}: not valid JSON ({e})") from None
-    elif args.plan and not args.no_plan:
-        raise InputError(f"{plan_path}: no such plan file")
-    result = audit(path, plan)
-    write_audit(result, Path(args.out) if args.out else path.parent / "audit.json")
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print_audit(result)
-    return 0 if result else 1
-
-
-def register_audit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="read an exported graph's precisions (Q/DQ, softmax, norms, RoPE) and check "
-                       "them against the plan; exit 1 on a violation")
-    add_audit_arguments(p)
-    p.set_defaults(func=run_audit)
-
-
-add_arguments = add_audit_arguments
-run = run_audit

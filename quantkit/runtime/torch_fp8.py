@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import InputError
+from quantkit.model_structure import repeated_blocks
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn; ModelOpt's maxbound for num_bits (4, 3)
@@ -290,23 +291,6 @@ def fp8_weight_bytes(model: nn.Module) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Compilation, shared by the runner and by BF16 baselines so that both are compiled the same way
-
-
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of the largest ModuleList whose entries all share one class (transformer layers)."""
-    best: list[nn.Module] = []
-    best_params = 0
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        blocks = list(module)
-        if len({type(b) for b in blocks}) != 1:
-            continue
-        params = sum(p.numel() for b in blocks for p in b.parameters()) + sum(
-            b.numel() for blk in blocks for b in blk.buffers())
-        if params > best_params:
-            best, best_params = blocks, params
-    return best
 
 
 def compile_model(model: nn.Module, regional: bool = True, **compile_kwargs: Any) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantkit.export.graph import GraphIndex, scope_boundary
+from quantkit.model_structure import repeated_blocks
 
 HEAD = "head"
 
@@ -50,8 +51,6 @@ class BlockBoundaries:
 def block_names(model: nn.Module) -> list[str]:
     """The repeated blocks' module names; none when one block object is used twice (shared weights:
     its hooks would fire per use, and the export names the second use apart)."""
-    from quantkit.runtime.torch_fp8 import repeated_blocks
-
     blocks = repeated_blocks(model)
     ids = {id(b) for b in blocks}
     if len(ids) != len(blocks):

@@ -4,7 +4,7 @@ against the FP32 reference, on the run's held-out calibration samples, written i
 report["metrics"]["onnxruntime"] = {output: metrics vs the FP32 reference},
 report["onnxruntime_vs_fake_quant"] = {output: metrics vs the fake-quantized PyTorch model} (end to
 end), and report["onnxruntime_vs_fake_quant_per_block"] = {block: metrics} with each transformer block
-of the PyTorch model fed the graph's own input to that block (quantkit/export/blockwise.py says why:
+of the PyTorch model fed the graph's own input to that block (quantkit/verify/blockwise.py says why:
 end to end, rounding flips compound and even a right graph drifts). The verdict is per block where the
 model has blocks, end to end otherwise. The held-out split is rebuilt exactly as `quantize` made it.
 """
@@ -95,12 +95,12 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
 
     import onnx
 
-    from quantkit.export.blockwise import HEAD, find_boundaries, teacher_forced
+    from quantkit.verify.blockwise import HEAD, find_boundaries, teacher_forced
     from quantkit.metrics import OutputsAccumulator
     from quantkit.models import DTYPES, load_model
     from quantkit.outdir import atomic_write_json
     from quantkit.ptq import load_quantized
-    from quantkit.runtime.onnxruntime import OnnxRuntimeRunner
+    from quantkit.verify.ort_copy import verification_runner
 
     out_dir = Path(out_dir)
     onnx_path = Path(onnx_path) if onnx_path else out_dir / "model.onnx"
@@ -115,7 +115,7 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     reference = load_model(run.loaded.spec)
     reference.model.to(torch.float32).eval()
     boundaries = find_boundaries(run.loaded.model, onnx.load(str(onnx_path), load_external_data=False))
-    runner = OnnxRuntimeRunner(onnx_path, extra_outputs=boundaries.tensors if boundaries else None)
+    runner = verification_runner(onnx_path, extra_outputs=boundaries.tensors if boundaries else None)
     vs_fp32, vs_fq, per_block = OutputsAccumulator(), OutputsAccumulator(), OutputsAccumulator()
     batches = list(heldout.batches(batch_size, device="cpu", dtype=DTYPES[run.dtype]))
     with torch.no_grad():

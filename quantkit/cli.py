@@ -31,6 +31,17 @@ def _add_model_args(p: argparse.ArgumentParser, recipe_required: bool = True) ->
                    help="precision the model runs in (default: the recipe's, else fp32)")
 
 
+def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    """--model / --trust-model-code: what lets a run folder's `module:function` model spec be imported."""
+    p.add_argument("--model", default=None,
+                   help="the model spec to rebuild the run with (default: run.json's; a module:function or "
+                        "file.py:function spec there is imported only when given here again or with "
+                        "--trust-model-code)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="import and run the module:function / file.py:function model named in the folder's run.json "
+                        "(only for folders you made or trust)")
+
+
 # ---------------------------------------------------------------------------------------------
 # verbs
 
@@ -77,9 +88,14 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="calibrate on random inputs (recorded in report.json; numbers then mean little)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe>-<model>)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
-    p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="use at most this many calibration samples (>= 1; default: the recipe's, else all)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration/evaluation batch size (>= 1; default: the recipe's, 8)")
     p.add_argument("--strict", action="store_true", help="a rule that matches no layer is an error")
+    p.add_argument("--force", action="store_true",
+                   help="a run that misses its accuracy gate replaces a passing --out (default: it is written "
+                        "beside it, to OUT.failed)")
     from quantkit import launch
 
     launch.add_arguments(p)  # --nproc, --device-map, --max-memory
@@ -151,12 +167,18 @@ def parse_dynamic_axes(items: list[str] | None) -> dict[str, dict[int, str]] | N
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantkit.export.audit import audit, print_audit, write_audit
+    from quantkit.errors import require_positive
+    from quantkit.export.audit import print_audit
     from quantkit.export.onnx_export import export_run
+    from quantkit.ptq import model_trust
 
+    require_positive("--max-samples", args.max_samples)
     out_dir = Path(args.out_dir)
+    # Without --trust-model-code: None, nothing trusted beyond what an enclosing model_trust says (no one).
+    model, trust = args.model, (True if args.trust_model_code else None)
     result = export_run(out_dir, dynamic_axes=parse_dynamic_axes(args.dynamic_axis), opset=args.opset,
-                        device=args.device, weights_dtype=args.weights_dtype)
+                        device=args.device, weights_dtype=args.weights_dtype, audit=not args.no_audit,
+                        model=model, trust_model_code=trust)
     info = result.info
     console.show(console.rows_table(
         "export", ("what", "value"),
@@ -168,18 +190,16 @@ def cmd_export(args: argparse.Namespace) -> int:
          ("TensorRT", f">= {info['min_tensorrt_version']}"),
          ("surgery", ", ".join(f"{k} {v}" for k, v in info["surgery"]["passes"].items()) or "none")]))
     status = 0
-    if not args.no_audit:
-        plan = json.loads((out_dir / "plan.json").read_text()) if (out_dir / "plan.json").is_file() else None
-        result_audit = audit(result.onnx_path, plan)
-        write_audit(result_audit, out_dir / "audit.json")
-        print_audit(result_audit)
-        status = 0 if result_audit else 1
+    if result.audit is not None:  # written with the graph, as one unit (export_run)
+        print_audit(result.audit)
+        status = 0 if result.audit else 1
     if not args.no_reference:
         from quantkit.verify.ort_copy import UnsupportedGraph
         from quantkit.verify.reference import print_reference, reference_run
 
         try:
-            print_reference(reference_run(out_dir, max_samples=args.max_samples))
+            with model_trust(model, trust):
+                print_reference(reference_run(out_dir, max_samples=args.max_samples))
         except UnsupportedGraph as e:  # the graph is written and audited; only the cross-check cannot run
             console.warn(f"ONNX Runtime reference skipped: {e}. {out_dir}/model.onnx is written and audited; "
                          "a TensorRT build may still take it")
@@ -203,7 +223,8 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true",
                    help="skip the ONNX Runtime reference run (outputs vs fake-quant and FP32 into report.json)")
     p.add_argument("--max-samples", type=int, default=None,
-                   help="held-out samples for the ONNX Runtime reference run (default: all of them)")
+                   help="held-out samples for the ONNX Runtime reference run (>= 1; default: all of them)")
+    add_trust_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_export)
 
@@ -211,7 +232,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantkit.export.audit import audit, print_audit, write_audit
+    from quantkit.export.audit import audit, print_audit, read_plan, write_audit
 
     path = Path(args.onnx)
     if not path.is_file():
@@ -219,10 +240,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     plan_path = Path(args.plan) if args.plan else path.parent / "plan.json"
     plan = None
     if not args.no_plan and plan_path.is_file():
-        try:
-            plan = json.loads(plan_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{plan_path}: not valid JSON ({e})") from None
+        plan = read_plan(plan_path)
     elif args.plan and not args.no_plan:
         raise InputError(f"{plan_path}: no such plan file")
     result = audit(path, plan)
@@ -343,7 +361,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare.compare(args.out_dir, against=args.against, runtimes=compare.parse_runtimes(args.runtime),
                              max_samples=args.max_samples, batch_size=args.batch_size,
-                             device=ptq.resolve_device(args.device))
+                             device=ptq.resolve_device(args.device), model=args.model,
+                             trust_model_code=True if args.trust_model_code else None)
     compare.print_comparison(result)
     return 0 if result else 1
 
@@ -363,6 +382,7 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the recipe's)")
     p.add_argument("--device", default=None, help="where the PyTorch models run: cpu or cuda[:N] (default: cuda if "
                                                    "available)")
+    add_trust_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_compare)
 
@@ -413,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.set_quiet(getattr(args, "quiet", False))
     try:
-        return int(args.func(args) or 0)
+        with console.quiet_warnings():
+            return int(args.func(args) or 0)
     except InputError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return e.exit_code

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -405,6 +406,7 @@ def collect(model_spec: str | None, out: str | os.PathLike, *, data: str | None 
     if synthetic and data:
         raise CalibrationError("--synthetic and --data exclude each other: pick real data or random data")
     out = Path(out)
+    check_collect_output(out, data, resume=resume, overwrite=overwrite)  # before any work
     torch_device = _resolve_device(device)
     torch_dtype = DTYPES[dtype]
 
@@ -447,6 +449,19 @@ def collect(model_spec: str | None, out: str | os.PathLike, *, data: str | None 
         "batching": BATCHING_EXAMPLES if (not module and not runner and batch_size == 1) else BATCHING_CALLS,
     }
 
+    from quantkit.outdir import output_lock
+
+    with output_lock(out):  # a second collection into the same folder exits 2 naming the lock
+        return _collect_locked(out, meta, loaded, target, source, module=module, runner=runner, runner_fn=runner_fn,
+                               field=field, max_samples=max_samples, batch_size=batch_size, shard_size=shard_size,
+                               synthetic=synthetic, seed=seed, device=torch_device, dtype=torch_dtype,
+                               model_kwargs=model_kwargs, progress=progress, resume=resume, overwrite=overwrite)
+
+
+def _collect_locked(out: Path, meta: dict[str, Any], loaded, target, source, *, module, runner, runner_fn, field,
+                    max_samples, batch_size, shard_size, synthetic, seed, device, dtype, model_kwargs, progress,
+                    resume, overwrite) -> dict[str, Any]:
+    torch_device, torch_dtype = device, dtype
     fresh = not (resume and (out / MANIFEST).is_file())
     writer = _open_writer(out, meta, resume=resume, overwrite=overwrite)
     if writer.complete:
@@ -546,6 +561,38 @@ def _collect_into(writer: SetWriter, loaded, target, source: DataSource, *, modu
     return writer.finish()
 
 
+# What a calibration set folder holds: replacing a folder with anything else in it would lose it.
+_SET_FILE = re.compile(r"manifest\.json|shard-\d{5}\.safetensors|\.shard-\d{5}\.safetensors\.tmp-\d+|"
+                       r"\.manifest\.json\..*\.tmp|\.quantkit-output")
+
+
+def check_collect_output(out: Path, data: str | None = None, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any work: `out` may be written (quantkit.outdir.check_output), and with --overwrite it
+    is replaced only when it is a quantkit calibration set holding nothing but the set's files."""
+    from quantkit.outdir import check_output
+
+    protect = [data] if data and Path(data).exists() else []
+    check_output(out, protect=protect, replace=False)
+    if not (overwrite and not resume and (out / MANIFEST).is_file()):
+        return
+    from quantkit.calib import FORMAT
+    from quantkit.textlimits import read_json_limited
+
+    try:
+        manifest = read_json_limited(out / MANIFEST, "calibration manifest")
+    except InputError:
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CalibrationError(f"{out}: its {MANIFEST} is not a quantkit calibration manifest (no \"format\": "
+                               f"\"{FORMAT}\"); --overwrite replaces only a calibration set: pick another --out")
+    others = sorted(p.name for p in out.iterdir() if not _SET_FILE.fullmatch(p.name))
+    if others:
+        from quantkit.textlimits import shorten
+
+        raise CalibrationError(f"{out}: holds files that are not part of the calibration set ({shorten(others)}); "
+                               "--overwrite will not delete them: move them or pick another --out")
+
+
 def _open_writer(out: Path, meta: dict[str, Any], *, resume: bool, overwrite: bool) -> SetWriter:
     from quantkit.calib import SetWriter, read_manifest
 
@@ -569,6 +616,7 @@ def _open_writer(out: Path, meta: dict[str, Any], *, resume: bool, overwrite: bo
     if out.is_dir() and any(out.iterdir()):
         if not has_manifest:
             raise CalibrationError(f"{out}: exists and is not empty (and not a calibration set); pick a new folder")
+        check_collect_output(out, overwrite=True)  # again, under the lock: only a set's own files go
         import shutil
 
         shutil.rmtree(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.util
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -98,13 +97,12 @@ class Comparison:
 
 
 def _read_json(path: Path, what: str) -> Any:
+    from quantkit.textlimits import read_json_limited
+
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: corrupt {what} (invalid JSON at line {e.lineno} column {e.colno}: {e.msg}); "
-                         "re-run `quantkit quantize --out` for this folder") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+        return read_json_limited(path, what)
+    except InputError as e:
+        raise InputError(f"{e}; re-run `quantkit quantize --out` for this folder") from None
 
 
 def check_run_folder(out_dir: str | Path) -> dict[str, Any]:
@@ -282,16 +280,29 @@ def parse_runtimes(values: Sequence[str] | None) -> list[str] | None:
 
 def compare(out_dir: str | Path, *, against: str = "fp32", runtimes: Sequence[str] | None = None,
             max_samples: int | None = None, batch_size: int | None = None, device: str | torch.device = "cpu",
-            update_report: bool = True) -> Comparison:
+            update_report: bool = True, model: str | None = None, trust_model_code: bool | None = None) -> Comparison:
     """Run the runtimes of OUT on its held-out samples, compare them with `against`, update OUT's reports.
 
     runtimes: the candidates to run (default: all of CANDIDATES, unavailable ones recorded as
     such); one named here that cannot run is an InputError, as is an `against` that cannot run.
+    model / trust_model_code: see quantkit.ptq.load_quantized (run.json's code spec is not run otherwise).
     """
     from quantkit import ptq
+
+    with ptq.model_trust(model, trust_model_code):
+        return _compare(out_dir, against=against, runtimes=runtimes, max_samples=max_samples, batch_size=batch_size,
+                        device=device, update_report=update_report)
+
+
+def _compare(out_dir: str | Path, *, against: str, runtimes: Sequence[str] | None, max_samples: int | None,
+             batch_size: int | None, device: str | torch.device, update_report: bool) -> Comparison:
+    from quantkit import ptq
+    from quantkit.errors import require_positive
     from quantkit.verify.reference import heldout_samples
     from quantkit.models import DTYPES
 
+    require_positive("--max-samples", max_samples)
+    require_positive("--batch-size", batch_size)
     if against not in REFERENCES:
         raise InputError(f"--against {against}: use one of {', '.join(REFERENCES)}")
     explicit = set(runtimes or ())

@@ -26,6 +26,25 @@ def is_quiet() -> bool:
     return _state["quiet"]
 
 
+# What ModelOpt says on import that --quiet is not asked to repeat (its version check of transformers).
+_QUIET_WARNINGS = (r"transformers .* is not tested with current version of modelopt",)
+
+
+def quiet_warnings():
+    """A block in which --quiet also hides ModelOpt's own import-time warnings; the filters are
+    restored when it ends (nothing outlives the command)."""
+    import contextlib
+    import warnings
+
+    if not is_quiet():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    return stack
+
+
 def console() -> Console:
     # A wide console when piped, so tables are not squeezed in logs and tests.
     return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)

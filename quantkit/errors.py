@@ -36,3 +36,10 @@ class ExportError(InputError):
 
 class TensorRTUnavailable(InputError):
     pass
+
+
+def require_positive(flag: str, value: int | None) -> None:
+    """A count the user gives (--max-samples, --batch-size) is None (the default) or >= 1: 0 is refused,
+    never read as "all" or "the default"."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"{flag} {value}: must be a whole number >= 1 (leave it out for the default)")

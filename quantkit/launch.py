@@ -123,6 +123,12 @@ def launch(args: argparse.Namespace) -> int:
     elif device != "cpu":
         raise InputError(f"--device {device}: use cpu or cuda")
     out = output_folder(args)
+    from quantkit.errors import require_positive
+    from quantkit.ptq import check_quantize_output
+
+    require_positive("--max-samples", args.max_samples)
+    require_positive("--batch-size", args.batch_size)
+    check_quantize_output(out, args.calib, bool(getattr(args, "force", False)))  # before any rank starts
     existed = out.exists()
     argv = ["-m", "quantkit", "quantize", *_argv_from_args(args, drop={"nproc", "device"}), "--device", device]
     status = Path(tempfile.mkdtemp(prefix="quantkit-dp-"))
@@ -309,7 +315,8 @@ def _quantize_rank(args: argparse.Namespace, dp) -> int:
          + f"); statistics of {last.get('quantizers_reduced', 0)} quantizers reduced in {last.get('reduce_s', 0):.3f} s")
     # Every collective is done: the other ranks may already have exited. Only now is anything written.
     with _terminate_raises():
-        ptq.write_run(result, out, loaded.spec, dtype)
+        ptq.write_run(result, out, loaded.spec, dtype, force=bool(getattr(args, "force", False)),
+                      protect=[args.calib])
     code = 0 if result.passed else 1
     _write_status(dp.rank, {"kind": "result", "exit_code": code, "out": str(out)})
     dp.close()

@@ -7,6 +7,7 @@ is an identity: outputs stay bit-identical. Module names never change, Linear la
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 import types
@@ -232,10 +233,28 @@ def _wrap_global(mod: types.ModuleType, attr: str) -> bool:
     return True
 
 
+def import_installed(name: str) -> types.ModuleType:
+    """importlib.import_module(name) without the current folder on the path: `python -m quantkit` puts
+    it first, and a recipe must not make quantkit run a file that happens to lie there. Modules
+    already imported (the model's own) and installed ones resolve as usual; PYTHONPATH is explicit
+    and stays."""
+    if name in sys.modules:
+        return sys.modules[name]
+    cwd = os.getcwd()
+    explicit = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path
+                   if not (p in ("", ".") or (os.path.abspath(p) == cwd and cwd not in explicit))]
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
+
+
 def _protect_function(spec: str, namespaces: list[types.ModuleType]) -> Protection:
     target, _, attr = spec.rpartition(":")
     try:
-        mod = importlib.import_module(target)
+        mod = import_installed(target)
     except Exception as e:
         raise InputError(f"protect.functions: {spec!r}: cannot import {target!r}: {type(e).__name__}: {e}") from None
     fn = getattr(mod, attr, None)
@@ -258,7 +277,7 @@ def _user_classes(names: list[str]) -> list[tuple[str, type | None]]:
         if ":" in entry:
             target, _, attr = entry.rpartition(":")
             try:
-                cls = getattr(importlib.import_module(target), attr)
+                cls = getattr(import_installed(target), attr)
             except Exception as e:
                 raise InputError(f"protect.modules: {entry!r}: cannot import: {type(e).__name__}: {e}") from None
             if not (isinstance(cls, type) and issubclass(cls, nn.Module)):

@@ -9,6 +9,7 @@ evaluates on held-out samples against the FP32 reference; `save_run()` writes th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import datetime
@@ -120,6 +121,9 @@ def plan_for(recipe_spec: str, model_spec: str | None, dtype: str | None = None,
 def open_calibration(loaded: LoadedModel, calib: str | None, synthetic: bool, max_samples: int | None):
     from quantkit import calib as calib_mod
 
+    from quantkit.errors import require_positive
+
+    require_positive("--max-samples", max_samples)
     if synthetic and calib:
         raise InputError("--synthetic and --calib exclude each other: pick real data or random data")
     if synthetic:
@@ -281,9 +285,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
         forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
                                                progress=not console.is_quiet())
     with torch.no_grad():
-        # ModelOpt prints its own progress lines ("Inserted N quantizers", SmoothQuant counts) to
-        # stdout; --quiet means quiet.
-        with contextlib.redirect_stdout(io.StringIO()) if console.is_quiet() else contextlib.nullcontext():
+        with _quiet_stdout():
             mtq.quantize(loaded.model, config, forward_loop)
         finish_histogram_calibration(loaded.model, plan)
         # A FP16/BF16 graph holds dtype(amax / 448): make that the step PyTorch uses too (graph_scales.py).
@@ -308,6 +310,9 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
     """
     from quantkit.layer_error import per_layer_error
 
+    from quantkit.errors import require_positive
+
+    require_positive("--batch-size", batch_size)
     device = torch.device(device)
     batch_size = batch_size or recipe.calibration.batch_size
     calib_part, heldout = split_calibration(calibration, recipe)
@@ -418,24 +423,112 @@ class QuantizedRun:
     report: dict[str, Any]
 
 
-def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu") -> QuantizedRun:
-    """Rebuild a `quantize` output folder's model: same model, same preparation, ModelOpt state restored."""
+# Who may name code in a run folder: a `module:function` / `file.py:function` spec read from a
+# run.json is imported only when the caller passes the model again or trusts the folder (a folder
+# someone else made must not run code). Entry points (export, compare, the ONNX Runtime reference)
+# set this for the loads they make, however deep.
+_TRUST: contextvars.ContextVar[tuple[str | None, bool]] = contextvars.ContextVar("quantkit_trust", default=(None, False))
+
+
+@contextlib.contextmanager
+def model_trust(model: str | None = None, trust_model_code: bool | None = None):
+    """Within the block, load_quantized uses `model` instead of run.json's spec, or trusts run.json's code.
+
+    None leaves what an enclosing block says (by default: no model given, nothing trusted)."""
+    outer_model, outer_trust = _TRUST.get()
+    token = _TRUST.set((model or outer_model, outer_trust if trust_model_code is None else trust_model_code))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def read_run_record(out_dir: Path) -> dict[str, Any]:
+    """run.json of a run folder, checked: a JSON object with a string `model` and a known `dtype`."""
+    from quantkit.models import DTYPES
+    from quantkit.textlimits import read_json_limited, shorten
+
+    path = out_dir / RUN_FILE
+    run = read_json_limited(path, "run record")
+    if not isinstance(run, dict):
+        raise InputError(f"{path}: corrupt run record (a JSON object with 'model' and 'dtype', got a "
+                         f"{type(run).__name__}); re-run `quantize --out {out_dir}`")
+    if not isinstance(run.get("model"), str) or not run["model"]:
+        raise InputError(f"{path}: corrupt run record: field 'model' is missing or not a model spec "
+                         f"({shorten(run.get('model'))}); re-run `quantize --out {out_dir}` or pass --model")
+    if run.get("dtype") not in DTYPES:
+        raise InputError(f"{path}: corrupt run record: field 'dtype' is {shorten(run.get('dtype'))}, expected one of "
+                         f"{', '.join(DTYPES)}")
+    return run
+
+
+def run_model_spec(out_dir: Path, stored: str, model: str | None = None, trust_model_code: bool = False) -> str:
+    """The spec to load a run's model from; refuses code named by the folder unless trusted."""
+    from quantkit.models import is_code_spec
+    from quantkit.textlimits import shorten
+
+    if model:
+        return model
+    if is_code_spec(stored) and not trust_model_code:
+        raise InputError(f"{out_dir / RUN_FILE}: names the model {shorten(stored)}, which is Python code to import "
+                         "and run; quantkit does not run code named by a folder. Pass --model with that spec again "
+                         "(or --trust-model-code if you made this folder or trust who did)")
+    return stored
+
+
+def restore_state(model: nn.Module, state_file: Path, spec: str) -> None:
+    """mto.restore with torch.load(weights_only=True) said explicitly, so no environment variable turns
+    the pickle check off; the allow-list is scoped to this call (ModelOpt's states hold slices)."""
     import modelopt.torch.opt as mto
 
+    try:
+        with torch.serialization.safe_globals([slice]), _quiet_stdout():
+            mto.restore(model, str(state_file), weights_only=True)
+    except QuantkitError:
+        raise
+    except Exception as e:  # truncated, not a ModelOpt state, or another model's: many exception types
+        from quantkit.textlimits import first_line
+
+        raise InputError(f"{state_file}: cannot be restored onto the model {spec} ({type(e).__name__}: "
+                         f"{first_line(e)}); it is truncated, not a ModelOpt state, or another model's "
+                         "(re-run `quantize --out` for this folder)") from None
+
+
+def _quiet_stdout():
+    # ModelOpt prints its own progress lines ("Inserted N quantizers", SmoothQuant counts) to
+    # stdout; --quiet means quiet.
+    return contextlib.redirect_stdout(io.StringIO()) if console.is_quiet() else contextlib.nullcontext()
+
+
+def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu", *, model: str | None = None,
+                   trust_model_code: bool | None = None) -> QuantizedRun:
+    """Rebuild a `quantize` output folder's model: same model, same preparation, ModelOpt state restored.
+
+    A code spec (`module:function`, `file.py:function`) in run.json is imported only with `model`
+    given again or `trust_model_code` (default: what the enclosing `model_trust` block says)."""
     out_dir = Path(out_dir)
     run_file = out_dir / RUN_FILE
     if not run_file.is_file() or not (out_dir / STATE_FILE).is_file():
         raise InputError(f"{out_dir}: not a quantize output folder (needs {RUN_FILE} and {STATE_FILE}); "
                          "run `quantize --out` first")
-    run = json.loads(run_file.read_text())
+    scoped_model, scoped_trust = _TRUST.get()
+    model = model or scoped_model
+    trust_model_code = scoped_trust if trust_model_code is None else trust_model_code
+    run = read_run_record(out_dir)
     recipe = load_recipe(out_dir / "recipe.yaml")
-    loaded = load_model(run["model"])
+    spec = run_model_spec(out_dir, run["model"], model, trust_model_code)
+    loaded = load_model(spec)
     device = torch.device(device)
     plan = prepare(loaded, recipe, run["dtype"], device)
     enable_cpu_nvfp4_if_needed(plan, device)
-    mto.restore(loaded.model, str(out_dir / STATE_FILE))
+    restore_state(loaded.model, out_dir / STATE_FILE, spec)
     loaded.model.to(device)
-    report = json.loads((out_dir / "report.json").read_text()) if (out_dir / "report.json").is_file() else {}
+    report = {}
+    if (out_dir / "report.json").is_file():
+        from quantkit.textlimits import read_json_limited
+
+        report = read_json_limited(out_dir / "report.json", "report")
+        report = report if isinstance(report, dict) else {}
     return QuantizedRun(out_dir, loaded, recipe, plan, run["dtype"], report)
 
 
@@ -459,20 +552,71 @@ def calibration_summary(calibration) -> str:
             + (" (SYNTHETIC)" if calibration.synthetic else ""))
 
 
-def write_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str) -> None:
-    """Save the run into `out` atomically (staged, then renamed), then print its tables and verdict."""
+FAILED_SUFFIX = ".failed"
+
+
+def failed_beside(out: Path) -> Path:
+    """Where a run that misses its gate goes when `out` holds a passing run (kept unless --force)."""
+    return out.with_name(out.name + FAILED_SUFFIX)
+
+
+def holds_passing_run(out: Path) -> bool:
+    from quantkit.outdir import is_quantkit_output
+    from quantkit.textlimits import read_json_limited
+
+    if not is_quantkit_output(out) or not (out / "report.json").is_file():
+        return False
+    try:
+        report = read_json_limited(out / "report.json", "report")
+    except InputError:
+        return False
+    return isinstance(report, dict) and report.get("passed") is True
+
+
+def check_quantize_output(out: Path, calib: str | None = None, force: bool = False) -> None:
+    """Before any work: `out` is a folder quantize may replace (quantkit.outdir.check_output), and so is
+    the folder beside it that a failing run would go to when `out` holds a passing one."""
+    from quantkit.outdir import check_output
+
+    check_output(out, protect=[calib])
+    if not force and holds_passing_run(out):
+        check_output(failed_beside(out), what="--out (for a failing run)", protect=[calib])
+
+
+def write_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str, *, force: bool = False,
+              protect=()) -> Path:
+    """Save the run into `out` atomically (staged, then renamed), then print its tables and verdict.
+
+    A run that misses its gate does not replace a passing run in `out` (unless `force`): it is
+    written beside it, to OUT.failed. Returns the folder written."""
     from quantkit.outdir import OutputFolder
 
-    with OutputFolder.staged(out) as tmp:
+    target = out
+    if not result.passed and not force and holds_passing_run(Path(out)):
+        target = failed_beside(Path(out))
+    with OutputFolder.staged(target, protect=protect) as tmp:
         save_run(result, tmp, model_spec, dtype)
-    show_result(result, out)
+    show_result(result, target, kept=out if target != out else None)
+    return target
 
 
 def quantize_cli(args) -> QuantizeResult:
+    from quantkit.errors import require_positive
+    from quantkit.outdir import output_lock
+
+    require_positive("--max-samples", args.max_samples)
+    require_positive("--batch-size", args.batch_size)
+    out = output_folder(args)
+    force = bool(getattr(args, "force", False))
+    check_quantize_output(out, args.calib, force)
+    with output_lock(out):  # held from the first check to the last write: a second run into OUT exits 2
+        return _quantize_into(args, out, force)
+
+
+def _quantize_into(args, out: Path, force: bool) -> QuantizeResult:
     recipe = load_recipe(args.recipe)
     device = resolve_device(args.device)
     dtype = args.dtype or "fp32"
-    out = output_folder(args)
     console.info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} on {device}")
     loaded = load_model(args.model)
     placement = None
@@ -493,11 +637,11 @@ def quantize_cli(args) -> QuantizeResult:
     if placement is not None:
         result.report["placement"] = placement.to_dict()
     # Staged only now: a run that fails or is killed while calibrating leaves nothing on disk.
-    write_run(result, out, loaded.spec, dtype)
+    write_run(result, out, loaded.spec, dtype, force=force, protect=[args.calib])
     return result
 
 
-def show_result(result: QuantizeResult, out: Path) -> None:
+def show_result(result: QuantizeResult, out: Path, kept: Path | None = None) -> None:
     """The warnings, coverage and accuracy tables and the verdict, printed last."""
     report = result.report
     for w in report["warnings"]:
@@ -507,3 +651,6 @@ def show_result(result: QuantizeResult, out: Path) -> None:
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
     # Printed under --quiet too: the verdict is the result (the exit code says the same, 0 or 1).
     print(f"{verdict} · results in {out}/ (report.json, report.md, report.html, plan.json, {STATE_FILE})")
+    if kept is not None:
+        print(f"the previous passing result in {kept}/ is kept; this failing run is in {out}/ "
+              "(--force replaces the previous result)")

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantkit.errors import RecipeError
+from quantkit.textlimits import shorten
 
 
 class Precision(str, Enum):
@@ -105,7 +106,7 @@ def parse_precision(value: Any) -> Precision:
         return Precision(text)
     except ValueError:
         valid = ", ".join(p.value for p in Precision)
-        raise ValueError(f"{value!r} is not one of {valid} (alias fp4 = nvfp4)") from None
+        raise ValueError(f"{shorten(value)} is not one of {valid} (alias fp4 = nvfp4)") from None
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Rule(_Strict):
             try:
                 NamePattern(p).compiled()
             except re.error as e:
-                raise ValueError(f"bad regex {p[3:]!r}: {e}") from None
+                raise ValueError(f"bad regex {shorten(p[3:])}: {e}") from None
         return v
 
     @field_validator("precision", "weights", "activations", "fallback", mode="before")
@@ -228,7 +229,7 @@ class ProtectSpec(_Strict):
     def _qualified(cls, v: list[str]) -> list[str]:
         for f in v:
             if ":" not in f:
-                raise ValueError(f"{f!r} must be 'package.module:function'")
+                raise ValueError(f"{shorten(f)} must be 'package.module:function'")
         return v
 
     def enabled_ops(self) -> list[str]:
@@ -329,7 +330,7 @@ class Recipe(_Strict):
     def _known_targets(cls, v: list[str]) -> list[str]:
         for t in v:
             if t not in TARGETS:
-                raise ValueError(f"{t!r} is not a known target; use one of {', '.join(TARGETS)}")
+                raise ValueError(f"{shorten(t)} is not a known target; use one of {', '.join(TARGETS)}")
         return v
 
     def precisions_used(self) -> set[Precision]:
@@ -417,6 +418,7 @@ def _resolve_path(name_or_path: str, relative_to: Path | None = None) -> Path:
     )
 
 
+MAX_RECIPE_BYTES = 1 << 20  # shipped recipes are about 2 KiB
 _MERGED_SECTIONS = ("protect", "attention", "calibration", "thresholds", "export", "build")
 
 
@@ -435,15 +437,26 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    from quantkit.errors import InputError
+    from quantkit.textlimits import check_depth, read_text_limited
+
     try:
-        data = yaml.safe_load(path.read_text())
+        text = read_text_limited(path, "recipe", max_bytes=MAX_RECIPE_BYTES)
+    except InputError as e:
+        raise RecipeError(str(e)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}{where}: malformed YAML: {problem}") from None
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read: {e.strerror}") from None
+        raise RecipeError(f"{path}{where}: malformed YAML: {shorten(problem)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the recipe is nested too deeply to read") from None
+    try:
+        check_depth(data, path, "recipe")
+    except InputError as e:
+        raise RecipeError(str(e)) from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with at least `name:` and `rules:`")
     return data
@@ -456,7 +469,7 @@ def _check_own_rules(path: Path, data: dict[str, Any]) -> None:
         raise RecipeError(f"{path}: rules: must be a list of rules, got {type(rules).__name__}")
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict):
-            raise RecipeError(f"{path}: rules[{i}]: a rule is a mapping with match/types/precision, got {rule!r}")
+            raise RecipeError(f"{path}: rules[{i}]: a rule is a mapping with match/types/precision, got {shorten(rule)}")
         try:
             Rule.model_validate(rule)
         except ValidationError as e:
@@ -474,12 +487,12 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if parent_name is None:
         return data
     if not isinstance(parent_name, str):
-        raise RecipeError(f"{path}: extends: must be a recipe name or path, got {parent_name!r}")
+        raise RecipeError(f"{path}: extends: must be a recipe name or path, got {shorten(parent_name)}")
     try:
         parent_path = _resolve_path(parent_name, relative_to=path.parent)
     except RecipeError:
         raise RecipeError(
-            f"{path}: extends: {parent_name!r} is neither a file next to it nor a shipped recipe "
+            f"{path}: extends: {shorten(parent_name)} is neither a file next to it nor a shipped recipe "
             f"({', '.join(shipped_recipe_names())})"
         ) from None
     parent = _load_raw(parent_path, (*chain, path))
@@ -501,8 +514,8 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         elif e["type"] in ("literal_error", "enum"):
-            msg = f"{e.get('input')!r}: {msg}"
-        lines.append(f"{path}: {loc or '(top level)'}: {msg}")
+            msg = f"{shorten(e.get('input'))}: {msg}"
+        lines.append(f"{path}: {loc or '(top level)'}: {msg[:300]}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_export import trust_own_runs  # noqa: F401 (autouse)
 from tests.test_export import HERE, save_tiny_run, write_recipe
 
 from quantkit import console

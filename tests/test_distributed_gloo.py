@@ -107,6 +107,7 @@ def test_a_failing_rank_stops_the_others_and_writes_nothing(tmp_path):
     calib = _calib_folder(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".quantkit-output").write_text("{}")  # an earlier run's folder (quantize replaces only those)
     (out / "previous.txt").write_text("an earlier run")
     proc = subprocess.run(_quantize_cmd(calib, out, "--nproc", "2", "-q"), cwd=ROOT, capture_output=True, text=True,
                           env=_env(QUANTKIT_DP_FAIL_RANK="1"), timeout=240)
@@ -115,7 +116,7 @@ def test_a_failing_rank_stops_the_others_and_writes_nothing(tmp_path):
     assert last.startswith("RankFailure: rank 1 of 2 failed: QuantkitError: injected failure on rank 1"), last
     assert "the other ranks were stopped" in last and f"{out} is as it was" in last
     assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantkit-output", "previous.txt"]
     assert (out / "previous.txt").read_text() == "an earlier run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "out"]  # no staging folder left behind
 
@@ -123,6 +124,7 @@ def test_a_failing_rank_stops_the_others_and_writes_nothing(tmp_path):
 def test_bad_input_on_the_ranks_exits_2_and_keeps_the_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".quantkit-output").write_text("{}")  # an earlier run's folder (quantize replaces only those)
     (out / "previous.txt").write_text("an earlier run")
     proc = subprocess.run(_quantize_cmd(tmp_path / "no-such-set", out, "--nproc", "2", "-q"), cwd=ROOT,
                           capture_output=True, text=True, env=_env(), timeout=240)
@@ -132,4 +134,4 @@ def test_bad_input_on_the_ranks_exits_2_and_keeps_the_folder(tmp_path):
                     r"folder", last), last
     assert f"{out} is as it was" in last and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantkit-output", "previous.txt"]

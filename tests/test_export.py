@@ -51,6 +51,16 @@ class TinyModel(nn.Module):
         return self.head(x)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def trust_own_runs():
+    """The runs these tests make name this file's model (file.py:function), which loading a run folder
+    imports only when trusted (quantkit.ptq.model_trust): the tests made them, so they trust them."""
+    from quantkit.ptq import model_trust
+
+    with model_trust(trust_model_code=True):
+        yield
+
+
 def tiny_model():
     from quantkit.models import LoadedModel
 

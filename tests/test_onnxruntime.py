@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.test_export import trust_own_runs  # noqa: F401 (autouse)
 from tests.test_export import save_tiny_run
 
 from quantkit.runtime import Runner

@@ -15,7 +15,8 @@ import torch
 
 from quantkit.calib.batching import BATCHING_CALLS, BATCHING_EXAMPLES, _signature, batching_for, collate
 from quantkit.calib.codec import Sample, _present_fields, merge_fields, to_device
-from quantkit.calib.set_folder import FORMAT_VERSION, SetWriter, _ShardStore, read_manifest, verify_shards
+from quantkit.calib.set_folder import (FORMAT_VERSION, SetWriter, _ShardStore, check_fields, read_manifest,
+                                       verify_shards)
 from quantkit.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class CalibrationSet:
         folder = Path(path)
         manifest = read_manifest(folder)
         verify_shards(folder, manifest)
+        check_fields(folder, manifest)
         store = _ShardStore(folder, manifest["shards"])
         if len(store) == 0:
             raise CalibrationError(f"{folder}: the set holds no samples")

@@ -21,12 +21,14 @@ import torch
 from quantkit.calib.batching import batching_for
 from quantkit.calib.codec import Sample, decode_sample, encode_sample, merge_fields
 from quantkit.errors import CalibrationError
+from quantkit.textlimits import first_line, shorten
 
 FORMAT = "quantkit.calibration"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 _SHARD_RE = re.compile(r"shard-(\d{5})\.safetensors")
+MAX_MANIFEST_BYTES = 64 << 20  # per-shard entries and per-field summaries: a few KiB per shard
 
 
 class _ShardStore:
@@ -169,10 +171,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise CalibrationError(f"{mpath}: missing; {folder} is not a calibration set (collect one with "
                                "`quantkit collect`)")
+    from quantkit.errors import InputError
+    from quantkit.textlimits import read_json_limited
+
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"{mpath}: not valid JSON: {e}") from None
+        manifest = read_json_limited(mpath, "calibration manifest", max_bytes=MAX_MANIFEST_BYTES)
+    except InputError as e:
+        raise CalibrationError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CalibrationError(f"{mpath}: not a quantkit calibration manifest (format "
                                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
@@ -185,7 +190,115 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "samples", "bytes", "sha256"}
                                                <= set(s) for s in shards):
         raise CalibrationError(f"{mpath}: `shards` must list {{file, samples, bytes, sha256}} entries")
+    for i, s in enumerate(shards):
+        for key in ("samples", "bytes"):
+            if not _is_count(s[key]):
+                raise CalibrationError(f"{mpath}: shards[{i}].{key} is {shorten(s[key])}, not a whole number >= 0")
+        if not isinstance(s["file"], str) or not isinstance(s["sha256"], str):
+            raise CalibrationError(f"{mpath}: shards[{i}]: `file` and `sha256` must be strings")
+    for key in ("samples", "rows_done"):
+        if key in manifest and not _is_count(manifest[key]):
+            raise CalibrationError(f"{mpath}: `{key}` is {shorten(manifest[key])}, not a whole number >= 0")
+    for key in ("fields", "pad_values"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise CalibrationError(f"{mpath}: `{key}` must be a mapping, got {shorten(manifest[key])}")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# safetensors' dtype codes -> torch dtype names (as the manifest's fields spell them)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+              "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+              "C64": "complex64"}
+
+
+def shard_sample_fields(path: Path) -> list[dict[str, dict[str, Any]]]:
+    """Each sample's fields (path -> dtype and shape, or value type) from a shard's header alone:
+    no tensor data is read. CalibrationError names the shard when its header is malformed."""
+    from safetensors import SafetensorError, safe_open
+
+    from quantkit.calib.codec import sample_fields
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            info = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CalibrationError(f"{path}: not a readable safetensors shard: {first_line(e)}") from None
+    try:
+        trees = json.loads(meta["samples"])
+    except (KeyError, json.JSONDecodeError, RecursionError) as e:
+        raise CalibrationError(f"{path}: shard header has no readable sample list: {first_line(e)}") from None
+    if not isinstance(trees, list):
+        raise CalibrationError(f"{path}: shard header's sample list is a {type(trees).__name__}, not a list")
+    out = []
+    for i, tree in enumerate(trees):
+        def tensor(p: str, i: int = i) -> torch.Tensor:
+            key = f"{i}/{p}"
+            if key not in info:
+                raise CalibrationError(f"{path}: sample {i} names tensor {shorten(p)}, which the shard does not hold")
+            code, shape = info[key]
+            name = _ST_DTYPES.get(code)
+            if name is None or not hasattr(torch, name):
+                raise CalibrationError(f"{path}: tensor {shorten(key)} has dtype {shorten(code)}, which quantkit "
+                                       "cannot read")
+            # A stand-in of the right dtype and shape that takes no memory.
+            return torch.empty((), dtype=getattr(torch, name)).expand(shape)
+
+        try:
+            out.append(sample_fields(decode_sample(tree, tensor)))
+        except CalibrationError:
+            raise
+        except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as e:
+            raise CalibrationError(f"{path}: sample {i} has a malformed tree ({type(e).__name__}: "
+                                   f"{first_line(e)})") from None
+    return out
+
+
+def _field_mismatch(got: Mapping[str, Any], want: Mapping[str, Any]) -> str | None:
+    if got["kind"] != want.get("kind"):
+        return f"is a {got['kind']}, the manifest says {shorten(want.get('kind'))}"
+    if got["kind"] == "value":
+        return None if want.get("type") in (got["type"], "mixed") else \
+            f"is a {got['type']} value, the manifest says {shorten(want.get('type'))}"
+    if want.get("dtype") not in (got["dtype"], "mixed"):
+        return f"has dtype {got['dtype']}, the manifest says {shorten(want.get('dtype'))}"
+    shape = got["shape"]
+    lo, hi = want.get("shape_min", want.get("shape")), want.get("shape_max", want.get("shape"))
+    if isinstance(lo, list) and isinstance(hi, list):
+        if len(lo) != len(shape) or any(not (a <= n <= b) for a, n, b in zip(lo, shape, hi)):
+            return f"has shape {shape}, the manifest says {lo}" + (f"..{hi}" if lo != hi else "")
+    return None
+
+
+def check_fields(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Every sample of every listed shard matches the manifest's field list (tree, dtypes, shapes),
+    and every listed field occurs: a set whose data and manifest disagree is refused on open."""
+    fields = manifest.get("fields")
+    if not fields:
+        return
+    seen: set[str] = set()
+    for s in manifest["shards"]:
+        path = folder / s["file"]
+        for i, got in enumerate(shard_sample_fields(path)):
+            for name, f in got.items():
+                want = fields.get(name)
+                if not isinstance(want, Mapping):
+                    raise CalibrationError(f"{path}: sample {i} holds field {shorten(name)}, which {MANIFEST} does "
+                                           "not list (the shard and the manifest disagree)")
+                problem = _field_mismatch(f, want)
+                if problem:
+                    raise CalibrationError(f"{path}: sample {i} field {shorten(name)} {problem} (the shard and "
+                                           f"{MANIFEST} disagree)")
+                seen.add(name)
+    missing = [k for k in fields if k not in seen]
+    if missing:
+        raise CalibrationError(f"{folder / MANIFEST}: lists field(s) {shorten(missing)} that no sample holds (the "
+                               "shards and the manifest disagree)")
 
 
 def verify_shards(folder: Path, manifest: Mapping[str, Any]) -> None:

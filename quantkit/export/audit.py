@@ -357,7 +357,9 @@ def audit(onnx_path: str | os.PathLike | onnx.ModelProto, plan_dict: Mapping[str
     if isinstance(onnx_path, onnx.ModelProto):
         model, label = onnx_path, "<model>"
     else:
-        model, label = onnx.load(os.fspath(onnx_path), load_external_data=False), os.fspath(onnx_path)
+        model, label = load_graph(onnx_path), os.fspath(onnx_path)
+    if plan_dict is not None:
+        check_plan_shape(plan_dict, label)
     index = GraphIndex.build(model)
     compute = _compute_nodes(index)
     softmax, norms, rope = _softmaxes(index), _norms(index), _ropes(index)
@@ -402,6 +404,95 @@ def audit(onnx_path: str | os.PathLike | onnx.ModelProto, plan_dict: Mapping[str
                           attention=attention_rows, narrowing_casts=narrowing, exporter_added=exporter_notes,
                           violations=violations, checked_against_plan=plan_dict is not None,
                           planned_but_absent=absent)
+
+
+MAX_GRAPH_BYTES = 2 << 30  # protobuf's own limit: larger weights live in external data
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The graph at `path` without its weights, refused (InputError naming the file) when it is not
+    ONNX, is truncated, or names external weights that are missing or lie outside its folder."""
+    from quantkit.errors import InputError
+    from quantkit.textlimits import first_line
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file")
+    size = path.stat().st_size
+    if size > MAX_GRAPH_BYTES:
+        raise InputError(f"{path}: {size} bytes is over protobuf's 2 GiB limit; not an ONNX graph quantkit reads")
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends for a file that is not (all) ONNX
+        raise InputError(f"{path}: not a readable ONNX graph (truncated or another format: {type(e).__name__}: "
+                         f"{first_line(e)})") from None
+    if not model.graph.node and not model.graph.input and not model.graph.output:
+        raise InputError(f"{path}: not an ONNX graph (it parses as an empty model: truncated or another format)")
+    check_external_data(model, path)
+    return model
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external weight lives in a file inside the graph's folder that is long enough to hold it."""
+    from quantkit.errors import InputError
+    from quantkit.textlimits import shorten
+
+    folder = path.resolve().parent
+    for tensor in _all_initializers(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        location = entry.get("location", "")
+        target = (folder / location).resolve()
+        if not location or os.path.isabs(location) or folder not in target.parents:
+            raise InputError(f"{path}: initializer {shorten(tensor.name)} keeps its data at {shorten(location)}, "
+                             f"outside the graph's folder {folder}; quantkit reads external weights only from beside "
+                             "the graph")
+        if not target.is_file():
+            raise InputError(f"{path}: initializer {shorten(tensor.name)} needs the external data file "
+                             f"{shorten(location)}, which is missing (copy it beside the graph)")
+        try:
+            end = int(entry.get("offset", 0) or 0) + int(entry.get("length", 0) or 0)
+        except ValueError:
+            raise InputError(f"{path}: initializer {shorten(tensor.name)}: external data offset/length are not "
+                             "numbers") from None
+        if end > target.stat().st_size:
+            raise InputError(f"{path}: initializer {shorten(tensor.name)} reads bytes up to {end} of {location}, "
+                             f"which holds {target.stat().st_size}: the external data is truncated")
+
+
+def _all_initializers(model: onnx.ModelProto):
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+
+
+def check_plan_shape(plan: Any, label: str) -> None:
+    """plan.json is a mapping whose `layers` (and protections/attention) are lists of mappings."""
+    from quantkit.errors import InputError
+
+    if not isinstance(plan, Mapping):
+        raise InputError(f"{label}: the plan to audit against is a JSON {type(plan).__name__}, not an object with "
+                         "`layers` (pass the plan.json of the run, or --no-plan)")
+    for key in ("layers", "protected", "protections", "attention"):
+        value = plan.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, Mapping) for v in value)):
+            raise InputError(f"{label}: the plan's `{key}` must be a list of objects (is the plan.json from quantkit?)")
+
+
+def read_plan(path: str | os.PathLike) -> dict[str, Any]:
+    """plan.json, bounded and checked (check_plan_shape)."""
+    from quantkit.textlimits import read_json_limited
+
+    plan = read_json_limited(path, "plan")
+    check_plan_shape(plan, os.fspath(path))
+    return plan
 
 
 def write_audit(result: PrecisionAudit, path: str | os.PathLike) -> Path:

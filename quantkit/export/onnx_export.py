@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 EXPORT_JSON = "export.json"
+AUDIT_JSON = "audit.json"
 # protobuf cannot serialize a message of 2 GiB or more; stay clear of it (the graph itself adds bytes).
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 # Initializers at least this large go to the external data file when external data is used.
@@ -54,6 +55,7 @@ class ExportResult:
     onnx_path: Path
     info: dict[str, Any]
     surgery: SurgeryLog
+    audit: Any = None  # the PrecisionAudit of the graph, when export_run(audit=True)
 
     @property
     def external_data(self) -> bool:
@@ -451,16 +453,48 @@ def _example_inputs(run) -> dict[str, torch.Tensor]:
 
 def export_run(out_dir: str | os.PathLike, dynamic_axes: dict[str, dict[int, str]] | None = None,
                opset: int | None = None, *, device: str = "cpu", weights_dtype: str | None = None,
-               force_external_data: bool = False) -> ExportResult:
-    """Export the quantized model of a `quantize` output folder to OUT/model.onnx and OUT/export.json.
+               force_external_data: bool = False, audit: bool = False, model: str | None = None,
+               trust_model_code: bool | None = None) -> ExportResult:
+    """Export the quantized model of a `quantize` output folder to OUT/model.onnx and OUT/export.json
+    (and, with `audit`, OUT/audit.json), all three replaced together or not at all.
 
+    `model` / `trust_model_code`: see quantkit.ptq.load_quantized (a code spec in run.json is not run
+    otherwise).
     dynamic_axes and opset override the recipe's `export:` section (itself defaulting to batch and
     sequence axes and the lowest opset the recipe's formats need)."""
+    from quantkit.outdir import OutputFolder
+    from quantkit.ptq import RUN_FILE, STATE_FILE, model_trust
+
+    out_dir = Path(out_dir)
+    if not (out_dir / RUN_FILE).is_file() or not (out_dir / STATE_FILE).is_file():
+        raise InputError(f"{out_dir}: not a quantize output folder (needs {RUN_FILE} and {STATE_FILE}); "
+                         "run `quantize --out` first")
+    # model.onnx (+ .data), export.json and audit.json are one unit: built in a staged copy of the
+    # folder (hard links) and swapped in whole, under the folder's lock; a killed export leaves the
+    # previous set, and its staging folder is cleaned by the next run.
+    with model_trust(model, trust_model_code), OutputFolder.staged(out_dir, keep_existing=True) as staging:
+        for name in (ONNX_NAME, DATA_NAME, EXPORT_JSON, AUDIT_JSON):
+            (staging / name).unlink(missing_ok=True)  # nothing of the previous export survives half-replaced
+        result = _export_into(staging, dynamic_axes, opset, device=device, weights_dtype=weights_dtype,
+                              force_external_data=force_external_data)
+        if audit:
+            from quantkit.export.audit import audit as audit_graph, read_plan, write_audit
+
+            plan_file = staging / "plan.json"
+            plan = read_plan(plan_file) if plan_file.is_file() else None
+            result.audit = audit_graph(result.onnx_path, plan)
+            result.audit.path = str(out_dir / ONNX_NAME)  # where it will be once the folder is swapped in
+            write_audit(result.audit, staging / AUDIT_JSON)
+    result.out_dir, result.onnx_path = out_dir, out_dir / ONNX_NAME
+    return result
+
+
+def _export_into(out_dir: Path, dynamic_axes, opset, *, device: str, weights_dtype: str | None,
+                 force_external_data: bool) -> ExportResult:
     from quantkit.trt_requirements import format_version, min_tensorrt_version
     from quantkit.outdir import atomic_write_json
     from quantkit.ptq import load_quantized
 
-    out_dir = Path(out_dir)
     t0 = time.perf_counter()
     run = load_quantized(out_dir, device)
     loaded, recipe, plan = run.loaded, run.recipe, run.plan

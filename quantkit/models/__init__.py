@@ -278,6 +278,16 @@ def _output_names(spec: str, module: nn.Module, example: dict[str, Any]) -> list
     return ["output"]
 
 
+def is_code_spec(spec: str | None) -> bool:
+    """True when loading `spec` imports and runs Python code (`module:function`, `file.py:function`),
+    as load_model would route it; built-in names and model folders are not code."""
+    spec = spec or DEFAULT_MODEL
+    if BUILTIN_ALIASES.get(spec, spec) in BUILTIN:
+        return False
+    path = Path(spec)
+    return not path.is_dir() and ":" in spec and not path.exists()
+
+
 def load_model(spec: str | None = None) -> LoadedModel:
     """Resolve a model spec (see the module docstring). Raises ModelSpecError with a hint."""
     spec = spec or DEFAULT_MODEL

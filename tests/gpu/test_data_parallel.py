@@ -106,7 +106,9 @@ def test_device_map_auto_splits_a_model_over_two_gpus_and_exports(tmp_path):
     for k in (k for k in single if k.endswith("_amax")):
         torch.testing.assert_close(saved[k], single[k], rtol=1e-6, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
-    proc = subprocess.run([sys.executable, "-m", "quantkit", "export", "--from", str(out), "-q"], cwd=ROOT, env=_env(),
+    # WIDE is a file.py:function spec: a run folder's code is imported only when trusted
+    proc = subprocess.run([sys.executable, "-m", "quantkit", "export", "--from", str(out), "--trust-model-code", "-q"],
+                          cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     info = json.loads((out / "export.json").read_text())

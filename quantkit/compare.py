@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.util
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -97,12 +98,17 @@ class Comparison:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    from quantkit.textlimits import read_json_limited
+    from quantkit.textlimits import check_depth, read_text_limited
 
     try:
-        return read_json_limited(path, what)
-    except InputError as e:
-        raise InputError(f"{e}; re-run `quantkit quantize --out` for this folder") from None
+        data = json.loads(read_text_limited(path, what))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: corrupt {what} (invalid JSON at line {e.lineno} column {e.colno}: {e.msg}); "
+                         "re-run `quantkit quantize --out` for this folder") from None
+    except RecursionError:
+        raise InputError(f"{path}: corrupt {what} (nested too deeply to read)") from None
+    check_depth(data, path, what)
+    return data
 
 
 def check_run_folder(out_dir: str | Path) -> dict[str, Any]:

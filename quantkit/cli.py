@@ -303,7 +303,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     from quantkit import ptq, sensitivity
     from quantkit.models import load_model
-    from quantkit.outdir import atomic_write_json, atomic_write_text
+    from quantkit.outdir import atomic_write_json, atomic_write_text, write_marker
     from quantkit.recipe import load_recipe
 
     if not -1.0 < args.target <= 1.0:
@@ -323,6 +323,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size)
     atomic_write_json(out / sensitivity.RESULT_FILE, result.to_dict())
     atomic_write_text(out / sensitivity.SUGGESTION_FILE, result.override_yaml())
+    write_marker(out, "sensitivity")  # the folder is a quantkit output (quantkit.outdir)
     console.show(console.rows_table(
         f"sensitivity of {recipe.name} by {result.granularity} (final-output cosine with only this unit quantized)",
         ("rank", "unit", "layers", "cosine", "damage", "kept"),

@@ -271,7 +271,7 @@ def plot_tradeoff(data: Mapping[str, Any]):
 
 def write_comparison(result: RecipeComparison, out: str | Path) -> Path:
     """comparison.json, .md and .html in `out`, each written atomically (rendered before any is written)."""
-    from quantkit.outdir import atomic_write_json, atomic_write_text
+    from quantkit.outdir import atomic_write_json, atomic_write_text, write_marker
     from quantkit.report import _json_safe, sections_html, sections_markdown
 
     out = Path(out)
@@ -283,6 +283,7 @@ def write_comparison(result: RecipeComparison, out: str | Path) -> Path:
     atomic_write_json(out / FILES[0], data)
     atomic_write_text(out / FILES[1], md)
     atomic_write_text(out / FILES[2], page)
+    write_marker(out, "comparison")  # the folder is a quantkit output (quantkit.outdir)
     return out
 
 

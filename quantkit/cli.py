@@ -66,6 +66,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     console.show(console.plan_table(data))
+    console.show(console.rows_table("layer roles: how each was inferred", ("layer", "role", "how"),
+                                    [(r["name"], r["role"] or "not inferred", r["role_how"]) for r in data["layers"]]))
+    if data["roles_not_inferred"]:
+        console.warn(f"{len(data['roles_not_inferred'])} layer(s) whose role could not be inferred (rules with "
+                     f"`roles:` do not select them): {', '.join(data['roles_not_inferred'])}")
+    if data["shared_weights"]:
+        console.show(console.rows_table(
+            "layers sharing one weight", ("layers", "precision", "decided by"),
+            [(", ".join(g["layers"]), ", ".join(g["precision"]), f"{g['decided_by']} (on {g['decided_by_layer']})")
+             for g in data["shared_weights"]]))
     if data["protected"]:
         console.show(console.rows_table("protected in FP32", ("module", "op", "how"),
                                         [(p["name"], p["op"], p["how"]) for p in data["protected"]]))

@@ -70,7 +70,7 @@ def _fmt_bytes(n: int) -> str:
 
 def plan_table(plan_dict: dict[str, Any]) -> Table:
     t = Table(title=f"plan: recipe {plan_dict['recipe']['name']}", title_justify="left")
-    for col in ("layer", "type", "shape", "params", "precision", "rule"):
+    for col in ("layer", "type", "role", "shape", "params", "precision", "rule"):
         t.add_column(col, overflow="fold")
     for row in plan_dict["layers"]:
         prec = row["precision"]
@@ -79,7 +79,8 @@ def plan_table(plan_dict: dict[str, Any]) -> Table:
         elif row["weights"] and not row["activations"]:
             prec = f"w:{row['weights']} (weight-only)"
         rule = row["rule"] + (f" — {row['note']}" if row.get("note") else "")
-        t.add_row(row["name"], row["type"], "x".join(map(str, row["shape"])), f"{row['params']:,}", prec, rule)
+        role = row.get("role") or "?"
+        t.add_row(row["name"], row["type"], role, "x".join(map(str, row["shape"])), f"{row['params']:,}", prec, rule)
     return t
 
 

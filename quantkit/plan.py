@@ -1,15 +1,16 @@
 """The plan: which precision each layer of a model gets, and which recipe rule decided it.
 
 `make_plan(model, recipe)` walks the model's quantizable leaf modules (Linear, Conv, Embedding),
-applies the recipe's rules (the last matching rule wins), checks that each layer's shape suits its
-format, and returns a `Plan` with per-layer rows, a coverage summary and warnings (rules that
-matched nothing, precisions not native on the targets, shape fallbacks). No ModelOpt here.
+infers each one's role (quantkit.roles), applies the recipe's rules by name, type and role (the last
+matching rule wins), gives layers that share a weight one precision, checks that each layer's shape
+suits its format, and returns a `Plan` with per-layer rows, a coverage summary and warnings (rules
+that matched nothing, precisions not native on the targets, shape fallbacks). No ModelOpt here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from torch import nn
 
@@ -81,6 +82,9 @@ class LayerPlan:
     rule_index: int | None
     calibrator: str | None = None
     note: str | None = None
+    role: str | None = None  # quantkit.roles: what the layer does; None when it could not be inferred
+    role_how: str = ""  # how the role was inferred
+    shares_weight_with: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def quantized(self) -> bool:
@@ -109,6 +113,12 @@ class Plan:
     # Filled by the stages that act on the plan (protect, attention); shown in plan.json.
     protections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     attention: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Layers that hold one and the same weight tensor, and the one precision they got.
+    shared_weights: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    role_notes: list[str] = dataclasses.field(default_factory=list)
+
+    def roles_not_inferred(self) -> list[str]:
+        return [r.name for r in self.layers if r.role is None]
 
     def layer(self, name: str) -> LayerPlan:
         for row in self.layers:
@@ -151,15 +161,19 @@ class Plan:
             "coverage": self.coverage(),
             "protected": list(self.protections),
             "attention": list(self.attention),
+            "shared_weights": list(self.shared_weights),
+            "roles_not_inferred": self.roles_not_inferred(),
+            "role_notes": list(self.role_notes),
             "unmatched_rules": list(self.unmatched_rules),
             "warnings": list(self.warnings),
         }
 
 
-def _decide(recipe: Recipe, name: str, module: nn.Module) -> tuple[Rule | None, int | None, list[int]]:
+def _decide(recipe: Recipe, name: str, module: nn.Module, role: str | None = None
+            ) -> tuple[Rule | None, int | None, list[int]]:
     """The winning rule (last match) and the indices of every rule that matched."""
     matched = [i for i, rule in enumerate(recipe.rules)
-               if _types_match(rule, module) and any(p.matches(name) for p in rule.patterns())]
+               if _types_match(rule, module) and rule.selects_role(role) and any(p.matches(name) for p in rule.patterns())]
     if not matched:
         return None, None, []
     return recipe.rules[matched[-1]], matched[-1], matched
@@ -179,8 +193,9 @@ def _fallback_reason(fmt_precision: Precision, kind: str, in_features: int | Non
     return None
 
 
-def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings: list[str]) -> LayerPlan:
-    rule, index, _ = _decide(recipe, name, module)
+def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings: list[str],
+               role: Any = None, forced: tuple[Rule | None, int | None] | None = None) -> LayerPlan:
+    rule, index = forced if forced is not None else _decide(recipe, name, module, getattr(role, "role", None))[:2]
     type_name = type(module).__name__
     shape, params = _weight_shape(module), _param_count(module)
     if rule is None:
@@ -206,7 +221,8 @@ def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings
         acts = None  # weight-only quantization: inputs stay in floating point
     return LayerPlan(name=name, type=type_name, kind=kind, shape=shape, params=params, precision=precision,
                      weights=weights, activations=acts, rule=rule_text, rule_index=index,
-                     calibrator=calibrator, note=note)
+                     calibrator=calibrator, note=note, role=getattr(role, "role", None),
+                     role_how=getattr(role, "how", ""))
 
 
 def iter_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:
@@ -216,16 +232,94 @@ def iter_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:
             yield name, module, kind
 
 
-def make_plan(model: nn.Module, recipe: Recipe, model_dtype: str = "fp32", strict: bool = False) -> Plan:
-    """Plan `model` under `recipe`. With strict, a rule that matches nothing raises PlanError."""
+def _shared_groups(model: nn.Module) -> list[list[str]]:
+    """Planned layers that hold one and the same parameter (tied embeddings / lm_head), in model order."""
+    owners: dict[int, list[str]] = {}
+    for name, module, _ in iter_layers(model):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), [])
+            if name not in owners[id(p)]:
+                owners[id(p)].append(name)
+    groups: list[list[str]] = []
+    for names in owners.values():
+        if len(names) < 2:
+            continue
+        hit = next((g for g in groups if set(g) & set(names)), None)
+        if hit is None:
+            groups.append(list(names))
+        else:
+            hit.extend(n for n in names if n not in hit)
+    return groups
+
+
+def _storage_dtype(row: LayerPlan, model_dtype: str) -> str:
+    """The dtype the layer's parameters are stored in once the plan is applied (casts for fp16/bf16/fp32)."""
+    fmt = FORMATS[row.precision]
+    if row.precision == Precision.SKIP or fmt.quantized or fmt.torch_dtype is None:
+        return model_dtype
+    return str(row.precision)
+
+
+def _resolve_shared(model: nn.Module, recipe: Recipe, rows: list[LayerPlan], model_dtype: str,
+                    roles: Mapping[str, Any], warnings: list[str]) -> list[dict[str, Any]]:
+    """One precision per group of layers sharing a weight: the last recipe rule that matches any of
+    them decides (as everywhere in a recipe). Quantizers never change the stored tensor, but a cast
+    does: a member that would cast the shared tensor while another member keeps it stays as it is."""
+    by_name = {r.name: r for r in rows}
+    modules = dict(model.named_modules())
+    out = []
+    for group in _shared_groups(model):
+        members = [by_name[n] for n in group]
+        winner = max(members, key=lambda r: -1 if r.rule_index is None else r.rule_index)
+        differing = sorted({str(r.precision) for r in members})
+        if len(differing) > 1:
+            warnings.append(f"{', '.join(group)} share one weight but the recipe gives them {' / '.join(differing)} "
+                            f"({'; '.join(f'{r.name}: {r.rule}' for r in members)}); {winner.rule} decides for all")
+        rule = recipe.rules[winner.rule_index] if winner.rule_index is not None else None
+        resolved = []
+        for r in members:
+            new = _layer_row(recipe, r.name, modules[r.name], r.kind, warnings, roles.get(r.name),
+                             forced=(rule, winner.rule_index))
+            resolved.append(new)
+        dtypes = {_storage_dtype(r, model_dtype) for r in resolved}
+        if len(dtypes) > 1:  # e.g. an FP16 cast for one, a quantized (model-dtype) weight for the other
+            kept = []
+            for i, r in enumerate(resolved):
+                if _storage_dtype(r, model_dtype) != model_dtype:
+                    r = dataclasses.replace(r, precision=Precision.SKIP, weights=None, activations=None,
+                                            calibrator=None, note=f"stays {model_dtype}: a cast would change the "
+                                            "weight it shares with " + ", ".join(n for n in group if n != r.name))
+                    warnings.append(f"{r.name}: {r.note}")
+                kept.append(r)
+            resolved = kept
+        for r in resolved:
+            r.shares_weight_with = [n for n in group if n != r.name]
+            rows[rows.index(by_name[r.name])] = r
+            by_name[r.name] = r
+        out.append({"layers": list(group), "precision": sorted({str(r.precision) for r in resolved}),
+                    "decided_by": winner.rule, "decided_by_layer": winner.name})
+    return out
+
+
+def make_plan(model: nn.Module, recipe: Recipe, model_dtype: str = "fp32", strict: bool = False,
+              example: Mapping[str, Any] | None = None) -> Plan:
+    """Plan `model` under `recipe`. With strict, a rule that matches nothing raises PlanError.
+
+    `example` (keyword inputs on the model's device) lets quantkit.roles run one probe forward to
+    read the model's structure; without it, roles come from the module tree and names."""
+    from quantkit.roles import infer_roles
+
     warnings: list[str] = []
-    layers = [_layer_row(recipe, name, module, kind, warnings) for name, module, kind in iter_layers(model)]
+    roles, role_notes = infer_roles(model, example)
+    layers = [_layer_row(recipe, name, module, kind, warnings, roles.get(name))
+              for name, module, kind in iter_layers(model)]
     if not layers:
         raise PlanError(f"{type(model).__name__}: no Linear, Conv or Embedding layers found; nothing to plan")
+    shared = _resolve_shared(model, recipe, layers, model_dtype, roles, warnings)
     matched_any = set()
     winners = {r.rule_index for r in layers}
     for name, module, _ in iter_layers(model):
-        matched_any.update(_decide(recipe, name, module)[2])
+        matched_any.update(_decide(recipe, name, module, getattr(roles.get(name), "role", None))[2])
     unmatched = []
     source = recipe.source or recipe.name
     for i, rule in enumerate(recipe.rules):
@@ -244,7 +338,8 @@ def make_plan(model: nn.Module, recipe: Recipe, model_dtype: str = "fp32", stric
     if algorithms and recipe.calibration.algorithm not in algorithms:
         warnings.append(f"rules ask for {algorithms.pop()} but calibration.algorithm is "
                         f"{recipe.calibration.algorithm}; the rule's calibrator is used")
-    return Plan(recipe=recipe, model_dtype=model_dtype, layers=layers, unmatched_rules=unmatched, warnings=warnings)
+    return Plan(recipe=recipe, model_dtype=model_dtype, layers=layers, unmatched_rules=unmatched, warnings=warnings,
+                shared_weights=shared, role_notes=role_notes)
 
 
 def calibration_algorithm(plan: Plan) -> str:

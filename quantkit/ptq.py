@@ -84,6 +84,25 @@ def move_model(model: nn.Module, device: torch.device | str, dtype: torch.dtype)
         model.to(device=device, dtype=dtype)
 
 
+def probe_inputs(loaded: LoadedModel, device: torch.device | str, dtype: str) -> dict[str, Any] | None:
+    """Keyword inputs for the plan's one probe forward (quantkit.roles): the model's example inputs,
+    else a tokenized sentence; None when the model has neither (roles then come from names)."""
+    example = loaded.example_inputs
+    if not example and loaded.tokenizer is not None:
+        try:
+            example = loaded.tokenize(["quantkit reads the structure of this model.", "A second sentence."])
+        except Exception:  # noqa: BLE001 — no example: roles from the module tree and names
+            return None
+    if not example:
+        return None
+    from quantkit.placement import is_dispatched
+
+    # A model placed over several devices (--device-map) takes its inputs where its first layer is.
+    target = "cpu" if is_dispatched(loaded.model) else device
+    return {k: (v.to(device=target, dtype=_torch_dtype(dtype)) if v.is_floating_point() else v.to(target))
+            if torch.is_tensor(v) else v for k, v in example.items()}
+
+
 def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: torch.device | str = "cpu",
             strict: bool = False) -> Plan:
     """Move the model to device/dtype, plan it, and apply FP32 guards, attention Q/DQ and layer dtypes."""
@@ -94,7 +113,7 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
     model = loaded.model
     move_model(model, device, _torch_dtype(dtype))
     model.eval()
-    plan = make_plan(model, recipe, model_dtype=dtype, strict=strict)
+    plan = make_plan(model, recipe, model_dtype=dtype, strict=strict, example=probe_inputs(loaded, device, dtype))
     protections = protect.protect_model(model, recipe.protect)
     conversions = attention.convert_attention(model, recipe.attention)
     apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype))

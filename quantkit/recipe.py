@@ -93,6 +93,22 @@ TARGETS: dict[str, str] = {
 }
 
 CALIBRATORS = ("max", "percentile", "entropy", "mse", "smoothquant", "awq")
+
+# What a layer does, as quantkit.roles infers it from the model's structure; a rule's `roles:` picks by
+# them. Defined here (the schema validates them); quantkit.roles reads them from here.
+ROLES = ("attention_q", "attention_k", "attention_v", "attention_qkv", "attention_out",
+         "mlp_gate", "mlp_up", "mlp_gate_up", "mlp_down",
+         "head", "embedding", "projector", "conditioning", "conv")
+ROLE_GROUPS = {"attention": ("attention_q", "attention_k", "attention_v", "attention_qkv", "attention_out"),
+               "mlp": ("mlp_gate", "mlp_up", "mlp_gate_up", "mlp_down")}
+
+
+def expand_roles(names: list[str]) -> frozenset[str]:
+    """Role names with the groups (`attention`, `mlp`) spelled out."""
+    out: set[str] = set()
+    for n in names:
+        out |= set(ROLE_GROUPS.get(n, (n,)))
+    return frozenset(out)
 PROTECTABLE_OPS = ("softmax", "rmsnorm", "layernorm", "rope")
 
 
@@ -145,6 +161,7 @@ class Rule(_Strict):
 
     match: list[str] = Field(default_factory=lambda: ["*"], description="glob(s) on module names; 're:' for regex")
     types: list[str] | None = Field(None, description="module class names, e.g. Linear, Conv2d (base classes count)")
+    roles: list[str] | None = Field(None, description="layer roles (quantkit.roles), e.g. mlp, attention, head")
     precision: Precision
     weights: Precision | None = Field(None, description="weight format if it differs from `precision`")
     activations: Precision | None = Field(None, description="input-activation format if it differs")
@@ -176,6 +193,23 @@ class Rule(_Strict):
                 raise ValueError(f"bad regex {shorten(p[3:])}: {e}") from None
         return v
 
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _roles_one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("needs at least one role (or leave `roles:` out)")
+        for r in v:
+            if r not in ROLES and r not in ROLE_GROUPS:
+                raise ValueError(f"{r!r} is not a layer role; valid roles: {', '.join((*ROLE_GROUPS, *ROLES))}")
+        return v
+
     @field_validator("precision", "weights", "activations", "fallback", mode="before")
     @classmethod
     def _precision(cls, v: Any) -> Any:
@@ -205,8 +239,14 @@ class Rule(_Strict):
     def patterns(self) -> list[NamePattern]:
         return [NamePattern(p) for p in self.match]
 
+    def selects_role(self, role: str | None) -> bool:
+        """True when the rule has no `roles:` or `role` is one of them (groups spelled out)."""
+        return self.roles is None or (role is not None and role in expand_roles(self.roles))
+
     def describe(self) -> str:
         what = ",".join(self.match)
+        if self.roles:
+            what = f"roles {','.join(self.roles)}" + ("" if self.match == ["*"] else f" & {what}")
         if self.types:
             what += f" [{','.join(self.types)}]"
         return what

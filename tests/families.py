@@ -264,3 +264,66 @@ FAMILIES: dict[str, Callable] = {
 }
 TRANSFORMERS = ("gemma", "paligemma", "siglip_vision", "llama_tied", "qwen2", "t5_encoder", "vit", "gpt2",
                 "act_policy", "dit")
+
+
+# ---------------------------------------------------------------------------------------------
+# One matrix case: quantize -> export (audit, ONNX Runtime reference), in-process through the CLI's
+# own entry point so the exit codes are the ones a user gets.
+
+RECIPES = ("fp8", "balanced", "fp16", "int8-smoothquant")
+CALIBRATION_SAMPLES = 12  # --synthetic; 10 % held out (at least one sample)
+
+
+def recipes_for(family: str) -> tuple[str, ...]:
+    return RECIPES if family in TRANSFORMERS else RECIPES[:3]
+
+
+def _cli(argv: list[str]) -> tuple[int | str, str]:
+    """Exit code of `quantkit ARGV` run in this process; a traceback is recorded as 'traceback'."""
+    import contextlib
+    import io
+    import traceback
+
+    from quantkit import cli, console
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(argv)
+    except BaseException as e:  # noqa: BLE001 — a crash is a result of the matrix, not of the runner
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return "traceback", "".join(traceback.format_exception_only(type(e), e)).strip()
+    finally:
+        console.set_quiet(False)
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    return code, (lines[-1] if lines else "")
+
+
+def run_case(family: str, recipe: str, out_dir: Path) -> dict:
+    """Quantize `family` with `recipe` (synthetic calibration, CPU) into out_dir, export it, and read back
+    the exit codes, the held-out cosine, the audit and the per-block ONNX Runtime cosines."""
+    import json
+
+    spec = f"{HERE}:{family}"
+    row: dict = {"family": family, "recipe": recipe}
+    row["quantize"], row["quantize_message"] = _cli(
+        ["quantize", "--model", spec, "--recipe", recipe, "--synthetic", "--max-samples", str(CALIBRATION_SAMPLES),
+         "--device", "cpu", "--out", str(out_dir), "-q"])
+    report_path = out_dir / "report.json"
+    if row["quantize"] not in (0, 1) or not report_path.is_file():
+        return row
+    report = json.loads(report_path.read_text())
+    row["cosine"] = min(m["cosine"] for m in report["metrics"]["fake-quant"].values())
+    row["export"], row["export_message"] = _cli(["export", "--from", str(out_dir), "-q"])
+    audit_path = out_dir / "audit.json"
+    if audit_path.is_file():
+        audit = json.loads(audit_path.read_text())
+        row["violations"] = audit["violations"]
+        row["audit_counts"] = audit["counts"]
+    report = json.loads(report_path.read_text())
+    per_block = report.get("onnxruntime_vs_fake_quant_per_block") or {}
+    row["ort_per_block"] = {k: v["cosine"] for k, v in per_block.items()}
+    row["ort_end_to_end"] = {k: v["cosine"] for k, v in (report.get("onnxruntime_vs_fake_quant") or {}).items()}
+    row["plan"] = json.loads((out_dir / "plan.json").read_text())
+    return row

@@ -436,8 +436,9 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
     # 2. Heads: a weight tied to an embedding, or the layer whose output is the model's output.
     for name, emb in _tied_to_embedding(model, layers).items():
         roles.setdefault(name, LayerRole("head", f"its weight is the embedding {emb}'s (tied): the output head"))
-    if probe is not None:
-        # After every block only: a projector's output may be returned too (PaliGemma's image_hidden_states).
+    if probe is not None and (probe.blocks or sites):
+        # A head sits on a trunk of blocks (a bare MLP's last layer is no head), after every block: a
+        # projector's output may be returned too (PaliGemma's image_hidden_states).
         last_block_end = max((s.end for s in probe.blocks.values() if s.end >= 0), default=0)
         for name, call in probe.calls.items():
             if (name not in roles and _kind(layers[name]) == "linear" and call.order > last_block_end

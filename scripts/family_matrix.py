@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_case(family, recipe, Path(tmp) / f"{family}-{recipe}")
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 row.pop("plan", None)
+                row.pop("audit_counts", None)
                 rows.append(row)
                 print(f"  {family} {recipe}: quantize {row['quantize']} export {row.get('export', '-')} "
                       f"({row['seconds']} s)", file=sys.stderr, flush=True)
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in failures:
         msg = r.get("export_message") if r["quantize"] == 0 else r.get("quantize_message")
         print(f"{r['family']} x {r['recipe']}: {msg or (r.get('violations') or [''])[0]}")
+    print("\nroles (layers per role) and protections, per family:")
+    for family in dict.fromkeys(r["family"] for r in rows):
+        r = next((r for r in rows if r["family"] == family and "roles" in r), None)
+        if r is not None:
+            print(f"  {family}: {r['roles']}; protected: {', '.join(r['protections']) or 'none'}")
     print(f"{len(rows)} cases, {len(rows) - len(failures)} through quantize/export/audit, "
           f"{time.perf_counter() - t_all:.0f} s")
     if args.json:

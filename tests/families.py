@@ -304,6 +304,7 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
     """Quantize `family` with `recipe` (synthetic calibration, CPU) into out_dir, export it, and read back
     the exit codes, the held-out cosine, the audit and the per-block ONNX Runtime cosines."""
     import json
+    from collections import Counter
 
     spec = f"{HERE}:{family}"
     row: dict = {"family": family, "recipe": recipe}
@@ -325,5 +326,12 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
     per_block = report.get("onnxruntime_vs_fake_quant_per_block") or {}
     row["ort_per_block"] = {k: v["cosine"] for k, v in per_block.items()}
     row["ort_end_to_end"] = {k: v["cosine"] for k, v in (report.get("onnxruntime_vs_fake_quant") or {}).items()}
-    row["plan"] = json.loads((out_dir / "plan.json").read_text())
+    plan = json.loads((out_dir / "plan.json").read_text())
+    row["plan"] = plan
+    row["roles"] = dict(sorted(Counter(layer["role"] or "?" for layer in plan["layers"]).items()))
+    by_role: dict[str, set] = {}
+    for layer in plan["layers"]:
+        by_role.setdefault(layer["role"] or "?", set()).add(layer["precision"])
+    row["precision_by_role"] = {k: sorted(v) for k, v in sorted(by_role.items())}
+    row["protections"] = sorted({p["op"] for p in plan["protected"]})
     return row

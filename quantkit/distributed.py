@@ -113,6 +113,10 @@ def unsupported_calibration(plan: "Plan") -> list[str]:
     for method, n in sorted(methods.items()):
         problems.append(f"calibrator {method} on {n} layer(s): a histogram whose bin width is set by the first batch "
                         "each process sees, so per-rank histograms cannot be merged into the single-process one")
+    algorithms = sorted({row.algorithm for row in plan.layers if row.algorithm})
+    if algorithms:
+        problems.append(f"rule algorithm(s) {', '.join(algorithms)}: each runs its own pass over the calibration "
+                        "data in one process (quantkit does not reduce their statistics across ranks)")
     return problems
 
 

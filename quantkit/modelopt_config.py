@@ -21,14 +21,38 @@ def _escape(name: str) -> str:
     return re.sub(r"([\[\]?*])", r"[\1]", name)
 
 
-def quantizer_cfg(precision: Precision, role: str) -> dict[str, Any]:
-    """ModelOpt quantizer attributes for a format; role is 'weight' or 'activation'."""
+# A rule's NVFP4 weight algorithm (recipe.WEIGHT_ALGORITHMS) as ModelOpt 0.47 runs it: whether the
+# weight quantizer must be static (per-block amax stored, which the scale searches and GPTQ need),
+# extra block_sizes keys, and the calibration algorithm config. The values are those of ModelOpt's
+# presets NVFP4_FOUR_OVER_SIX_CFG, NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG,
+# NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG, NVFP4_AWQ_LITE/CLIP/FULL_CFG and GPTQCalibConfig's defaults.
+WEIGHT_ALGORITHM_CFG: dict[str, tuple[bool, dict[str, Any], dict[str, Any]]] = {
+    "four_over_six": (True, {"four_over_six": True},
+                      {"method": "mse", "fp8_scale_sweep": False, "start_multiplier": 1.0, "stop_multiplier": 1.5,
+                       "step_size": 0.5}),
+    "mse_fp8_sweep": (True, {}, {"method": "mse", "fp8_scale_sweep": True}),
+    "local_hessian": (True, {}, {"method": "local_hessian", "fp8_scale_sweep": True}),
+    "awq_lite": (False, {}, {"method": "awq_lite"}),
+    "awq_clip": (False, {}, {"method": "awq_clip"}),
+    "awq_full": (False, {}, {"method": "awq_full", "alpha_step": 0.1}),
+    "gptq": (True, {}, {"method": "gptq"}),
+}
+
+
+def quantizer_cfg(precision: Precision, role: str, algorithm: str | None = None) -> dict[str, Any]:
+    """ModelOpt quantizer attributes for a format; role is 'weight' or 'activation'.
+
+    `algorithm` (a weight's NVFP4 algorithm) makes the block scales static where it needs them.
+    """
     fmt: Format = FORMATS[precision]
     if not fmt.quantized:
         raise ValueError(f"{precision} has no quantizer")
     cfg: dict[str, Any] = {"num_bits": fmt.num_bits}
     if fmt.block_size:
         cfg["block_sizes"] = {-1: fmt.block_size, "type": "dynamic", "scale_bits": fmt.scale_bits}
+        if algorithm and role == "weight":
+            static, extra, _ = WEIGHT_ALGORITHM_CFG[algorithm]
+            cfg["block_sizes"].update({"type": "static" if static else "dynamic", **extra})
     else:
         cfg["axis"] = fmt.weight_axis if role == "weight" else None
     return cfg
@@ -61,7 +85,8 @@ def build_quant_config(plan: Plan) -> dict[str, Any]:
     for row in plan.quantized_layers():
         base = _escape(row.name)
         if row.weights is not None:
-            entries.append({"quantizer_name": f"{base}.weight_quantizer", "cfg": quantizer_cfg(row.weights, "weight")})
+            entries.append({"quantizer_name": f"{base}.weight_quantizer",
+                            "cfg": quantizer_cfg(row.weights, "weight", row.algorithm)})
         if row.activations is not None:
             entries.append({"quantizer_name": f"{base}.input_quantizer",
                             "cfg": _activation_cfg(row.activations, row.calibrator)})
@@ -80,3 +105,16 @@ def histogram_calibrated_quantizers(plan: Plan) -> dict[str, str]:
     return {f"{row.name}.input_quantizer": row.calibrator for row in plan.quantized_layers()
             if row.activations is not None and row.calibrator in HISTOGRAM_METHODS
             and not FORMATS[row.activations].block_size}
+
+
+def weight_algorithm_passes(plan: Plan) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """(algorithm, ModelOpt algorithm config, layer names) per rule algorithm in the plan, in plan order.
+
+    ModelOpt runs one calibration algorithm per call over every enabled quantizer, so each of these
+    runs as its own `mtq.calibrate` pass with only its layers' quantizers enabled (ptq does that).
+    """
+    groups: dict[str, list[str]] = {}
+    for row in plan.quantized_layers():
+        if row.algorithm:
+            groups.setdefault(row.algorithm, []).append(row.name)
+    return [(name, dict(WEIGHT_ALGORITHM_CFG[name][2]), layers) for name, layers in groups.items()]

@@ -1,8 +1,10 @@
 """NVFP4 fake quantization in plain PyTorch, and the patch that lets ModelOpt 0.47 use it on CPU.
 
-ModelOpt's dynamic NVFP4 path only runs on CUDA (Triton kernel `fp4_fake_quant_block`); on CPU it
-asserts "amax must be a CUDA tensor". `nvfp4_fake_quantize` reproduces that kernel's arithmetic
-step by step, and `install()` routes CPU tensors to it while CUDA tensors keep ModelOpt's own path.
+ModelOpt's NVFP4 paths only run on CUDA: the dynamic one (Triton `fp4_fake_quant_block`) asserts
+"amax must be a CUDA tensor" on CPU, the static blockwise one that the NVFP4 weight algorithms use
+(four-over-six, MSE / FP8 scale sweep, local Hessian, GPTQ) says "static_blockwise_fp4_fake_quant
+requires triton". `nvfp4_fake_quantize` and `nvfp4_static_fake_quantize` reproduce those kernels'
+arithmetic step by step; `install()` routes CPU tensors to them, CUDA tensors keep ModelOpt's path.
 """
 
 from __future__ import annotations
@@ -162,6 +164,68 @@ def nvfp4_fake_quantize(
     return out.reshape(shape)
 
 
+# The static kernel's `amax / 6.0` runs in PyTorch on the device: on CUDA a product with the FP32
+# reciprocal of 6 (see _INV_E2M1_E4M3), which CPU division can miss by one ulp.
+_INV_E2M1 = float(torch.tensor(1.0 / E2M1_MAX, dtype=torch.float32))
+
+
+def nvfp4_static_block_scales(amax: torch.Tensor, global_amax: torch.Tensor | None = None,
+                              quantize_block_scales: bool = True,
+                              fp8_max_for_normalization: float = E4M3_MAX) -> torch.Tensor:
+    """Per-block scales of ModelOpt's static NVFP4 path (`compute_fp4_scales`), in FP32.
+
+    `amax / 6`, rounded to FP8 E4M3 against `global_amax * (448 / fp8_max) / 6` (fp8_max 448, or
+    256 for four-over-six), with ModelOpt's own FP8 rounding (`scaled_e4m3_impl`).
+    """
+    from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
+
+    amax = amax.float()
+    scale = amax * _INV_E2M1
+    if quantize_block_scales:
+        if global_amax is None:
+            global_amax = amax.abs().amax()
+        fp8_amax = global_amax.float() * float(torch.tensor(E4M3_MAX / fp8_max_for_normalization,
+                                                            dtype=torch.float32)) * _INV_E2M1
+        scale = scaled_e4m3_impl(scale, fp8_amax.to(scale.device))
+    return scale
+
+
+def nvfp4_static_fake_quantize(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    global_amax: torch.Tensor | None = None,
+    quantize_block_scales: bool = True,
+    fp8_max_for_normalization: float = E4M3_MAX,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Static blockwise NVFP4 quantize-dequantize as ModelOpt 0.47's `static_blockwise_fp4_fake_quant`.
+
+    `amax` holds one calibrated absolute maximum per block (its size sets the block length:
+    `x.numel() // amax.numel()` consecutive elements, as the kernel reads them); scales come from
+    `nvfp4_static_block_scales`. Each element is |x| / scale rounded to E2M1 (ties as the kernel's
+    comparison chain), times the scale, with x's sign (x >= 0 is +, so NaN comes out -6 * scale);
+    a zero scale gives 0, a NaN/inf scale is replaced by 1. The division is a product with the
+    correctly rounded reciprocal, as in `nvfp4_fake_quantize` (the GPU's differs by an ulp at times).
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"nvfp4_static_fake_quantize needs a floating-point tensor, got {x.dtype}")
+    n_blocks = amax.numel()
+    if n_blocks == 0 or x.numel() % n_blocks:
+        raise ValueError(f"x.numel() ({x.numel()}) is not a multiple of amax.numel() ({n_blocks})")
+    out_dtype = out_dtype or x.dtype
+    scale = nvfp4_static_block_scales(amax.to(x.device), None if global_amax is None else global_amax.to(x.device),
+                                      quantize_block_scales, fp8_max_for_normalization).reshape(n_blocks, 1)
+    with torch.no_grad():
+        xs = x.detach().reshape(n_blocks, -1).to(torch.float32)
+        zero = scale == 0.0
+        safe = torch.where(zero | scale.isnan() | scale.isinf(), torch.ones_like(scale), scale)
+        a = xs.abs().mul_(torch.reciprocal(safe)).nan_to_num_(nan=E2M1_MAX)  # NaN falls through to 6
+        y = _e2m1_round_(a, torch.empty_like(a)).mul_(safe)
+        y = torch.where(xs >= 0, y, -y)
+        y = torch.where(zero, torch.zeros_like(y), y)
+    return y.reshape(x.shape).to(out_dtype)
+
+
 # --- ModelOpt integration ------------------------------------------------------------------------
 #
 # ModelOpt 0.47 fake-quantizes dynamic block formats through
@@ -241,22 +305,50 @@ def _make_cpu_route(original):
     return dynamic_block_quantize_op
 
 
+def _quantizer_module():
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer
+
+    return tensor_quantizer
+
+
+def _make_static_cpu_route(original):
+    # StaticBlockScaleQuantizer._fake_quantize calls the module global
+    # tensor_quantizer.static_blockwise_fp4_fake_quant(x, amax, global_amax, quantize_block_scales,
+    # fp8_max_for_normalization, out_dtype, pass_through_bwd); only that name is replaced.
+    def static_blockwise_fp4_fake_quant(x, amax, global_amax=None, quantize_block_scales=True,
+                                        fp8_max_for_normalization=E4M3_MAX, out_dtype=None,
+                                        pass_through_bwd=False):
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            with _untraced():
+                return nvfp4_static_fake_quantize(x, amax, global_amax, quantize_block_scales,
+                                                  fp8_max_for_normalization, out_dtype)
+        return original(x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization, out_dtype,
+                        pass_through_bwd)
+
+    setattr(static_blockwise_fp4_fake_quant, _MARK, True)
+    static_blockwise_fp4_fake_quant.__wrapped__ = original
+    return static_blockwise_fp4_fake_quant
+
+
 def is_installed() -> bool:
-    """Whether `install()` has routed ModelOpt's CPU NVFP4 fake quantization here."""
+    """Whether `install()` has routed ModelOpt's CPU NVFP4 fake quantization (dynamic and static) here."""
     try:
-        tq = _tensor_quant_module()
+        tq, qm = _tensor_quant_module(), _quantizer_module()
     except ImportError:
         return False
-    return getattr(getattr(tq, "dynamic_block_quantize_op", None), _MARK, False)
+    return (getattr(getattr(tq, "dynamic_block_quantize_op", None), _MARK, False)
+            and getattr(getattr(qm, "static_blockwise_fp4_fake_quant", None), _MARK, False))
 
 
 def install() -> None:
     """Make ModelOpt's NVFP4 fake quantization (and so mtq.quantize and ONNX export) run on CPU.
 
     Idempotent. Replaces `modelopt.torch.quantization.tensor_quant.dynamic_block_quantize_op`
-    by a function that sends CPU tensors in NVFP4 format to `nvfp4_fake_quantize` and everything
-    else (CUDA tensors, other formats) to ModelOpt's own op unchanged. Checked against ModelOpt
-    0.47.0 only: any other version raises QuantkitError instead of patching.
+    by a function that sends CPU tensors in NVFP4 format to `nvfp4_fake_quantize`, and
+    `...nn.modules.tensor_quantizer.static_blockwise_fp4_fake_quant` by one that sends CPU tensors
+    to `nvfp4_static_fake_quantize`; everything else (CUDA tensors, other formats) goes to
+    ModelOpt's own code unchanged. Checked against ModelOpt 0.47.0 only: any other version raises
+    QuantkitError instead of patching.
     """
     version = _modelopt_version()
     if version != MODELOPT_VERSION_CHECKED:
@@ -266,22 +358,28 @@ def install() -> None:
             "quantkit/nvfp4_cpu.py against this version (and tests/gpu/test_nvfp4_parity.py on a GPU) "
             "before raising MODELOPT_VERSION_CHECKED, or run NVFP4 on a CUDA device"
         )
-    tq = _tensor_quant_module()
+    tq, qm = _tensor_quant_module(), _quantizer_module()
     current = getattr(tq, "dynamic_block_quantize_op", None)
-    if getattr(current, _MARK, False):
-        return
-    if current is None or not callable(getattr(tq, "_dynamic_block_quantize_forward", None)):
+    static = getattr(qm, "static_blockwise_fp4_fake_quant", None)
+    if (current is None or not callable(getattr(tq, "_dynamic_block_quantize_forward", None))
+            or not callable(static)):
         raise QuantkitError(
             f"nvidia-modelopt {version} has no tensor_quant.dynamic_block_quantize_op / "
-            "_dynamic_block_quantize_forward: the installed package is not the one "
-            "quantkit/nvfp4_cpu.py was checked against"
+            "_dynamic_block_quantize_forward / tensor_quantizer.static_blockwise_fp4_fake_quant: the installed "
+            "package is not the one quantkit/nvfp4_cpu.py was checked against"
         )
-    tq.dynamic_block_quantize_op = _make_cpu_route(current)
+    if not getattr(current, _MARK, False):
+        tq.dynamic_block_quantize_op = _make_cpu_route(current)
+    if not getattr(static, _MARK, False):
+        qm.static_blockwise_fp4_fake_quant = _make_static_cpu_route(static)
 
 
 def uninstall() -> None:
     """Undo `install()` (for tests); a no-op when it was not installed."""
-    tq = _tensor_quant_module()
+    tq, qm = _tensor_quant_module(), _quantizer_module()
     current = getattr(tq, "dynamic_block_quantize_op", None)
     if getattr(current, _MARK, False):
         tq.dynamic_block_quantize_op = current.__wrapped__
+    static = getattr(qm, "static_blockwise_fp4_fake_quant", None)
+    if getattr(static, _MARK, False):
+        qm.static_blockwise_fp4_fake_quant = static.__wrapped__

@@ -85,6 +85,7 @@ class LayerPlan:
     role: str | None = None  # quantkit.roles: what the layer does; None when it could not be inferred
     role_how: str = ""  # how the role was inferred
     shares_weight_with: list[str] = dataclasses.field(default_factory=list)
+    algorithm: str | None = None  # the rule's NVFP4 weight algorithm (recipe.WEIGHT_ALGORITHMS), if it applies
 
     @property
     def quantized(self) -> bool:
@@ -199,10 +200,10 @@ def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings
     type_name = type(module).__name__
     shape, params = _weight_shape(module), _param_count(module)
     if rule is None:
-        precision, weights, acts, calibrator, fallback = recipe.default, None, None, None, None
+        precision, weights, acts, calibrator, fallback, algorithm = recipe.default, None, None, None, None, None
         rule_text = "default"
     else:
-        precision, calibrator, fallback = rule.precision, rule.calibrator, rule.fallback
+        precision, calibrator, fallback, algorithm = rule.precision, rule.calibrator, rule.fallback, rule.algorithm
         weights, acts = rule.weight_precision, rule.activation_precision
         rule_text = f"rules[{index}] ({rule.describe()})"
     note = None
@@ -215,6 +216,7 @@ def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings
             warnings.append(f"{name}: {note} ({rule_text})")
             precision, calibrator = to, (calibrator if FORMATS[to].quantized else None)
             weights = acts = to
+            algorithm = None  # an NVFP4 weight algorithm does not apply to the fallback format
     if not FORMATS[precision].quantized:
         weights = acts = None
     elif acts is not None and not FORMATS[acts].quantized:
@@ -222,7 +224,7 @@ def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings
     return LayerPlan(name=name, type=type_name, kind=kind, shape=shape, params=params, precision=precision,
                      weights=weights, activations=acts, rule=rule_text, rule_index=index,
                      calibrator=calibrator, note=note, role=getattr(role, "role", None),
-                     role_how=getattr(role, "how", ""))
+                     role_how=getattr(role, "how", ""), algorithm=algorithm if weights == Precision.NVFP4 else None)
 
 
 def iter_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:

@@ -254,6 +254,33 @@ def finish_histogram_calibration(model: nn.Module, plan: Plan) -> None:
         q.load_calib_amax(method, **kwargs)
 
 
+def run_weight_algorithms(model: nn.Module, plan: Plan, forward_loop) -> None:
+    """Each rule's NVFP4 weight algorithm, as one `mtq.calibrate` pass over its own layers.
+
+    ModelOpt applies a calibration algorithm to every enabled quantizer, so the quantizers of all
+    other layers are switched off for the pass (calibration statistics are gathered with
+    quantization off anyway, so the other layers' state does not change what a pass computes).
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from quantkit.modelopt_config import weight_algorithm_passes
+
+    for name, algorithm, layers in weight_algorithm_passes(plan):
+        layer_set = set(layers)
+        quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+        off = [n for n, q in quantizers.items() if q.is_enabled and n.rsplit(".", 1)[0] not in layer_set]
+        for n in off:
+            quantizers[n].disable()
+        try:
+            console.info(f"weight algorithm {name} on {len(layers)} layer(s)")
+            mtq.calibrate(model, algorithm, forward_loop)
+        finally:
+            modules = dict(model.named_modules())  # the pass may have swapped quantizer modules
+            for n in off:
+                modules[n].enable()
+
+
 def split_calibration(calibration, recipe: Recipe):
     calib_part, heldout = calibration.split(recipe.calibration.heldout_fraction, seed=0)
     if len(calib_part) == 0 or len(heldout) == 0:
@@ -306,6 +333,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
     with torch.no_grad():
         with _quiet_stdout():
             mtq.quantize(loaded.model, config, forward_loop)
+            run_weight_algorithms(loaded.model, plan, forward_loop)
         finish_histogram_calibration(loaded.model, plan)
         # A FP16/BF16 graph holds dtype(amax / 448): make that the step PyTorch uses too (graph_scales.py).
         snap_fp8_amax(loaded.model, _torch_dtype(dtype))

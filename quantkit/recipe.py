@@ -109,6 +109,14 @@ def expand_roles(names: list[str]) -> frozenset[str]:
     for n in names:
         out |= set(ROLE_GROUPS.get(n, (n,)))
     return frozenset(out)
+
+# ModelOpt 0.47's NVFP4 weight algorithms a rule can name (`algorithm:`), and the weight precisions
+# each fits: they choose NVFP4 block scales (four-over-six, the MSE / FP8 scale sweep, local
+# Hessian) or rewrite weights against NVFP4 rounding (AWQ lite / clip / full, GPTQ).
+WEIGHT_ALGORITHMS: dict[str, frozenset[Precision]] = {
+    name: frozenset({Precision.NVFP4})
+    for name in ("four_over_six", "mse_fp8_sweep", "local_hessian", "awq_lite", "awq_clip", "awq_full", "gptq")
+}
 PROTECTABLE_OPS = ("softmax", "rmsnorm", "layernorm", "rope")
 
 
@@ -166,6 +174,7 @@ class Rule(_Strict):
     weights: Precision | None = Field(None, description="weight format if it differs from `precision`")
     activations: Precision | None = Field(None, description="input-activation format if it differs")
     calibrator: Literal["max", "percentile", "entropy", "mse", "smoothquant", "awq"] | None = None
+    algorithm: str | None = Field(None, description="NVFP4 weight algorithm, one of WEIGHT_ALGORITHMS")
     fallback: Precision | None = Field(None, description="precision for layers whose shape the format cannot take")
     note: str | None = None
     # A rule of a generic recipe that may legitimately match nothing in a given model (heads,
@@ -215,6 +224,13 @@ class Rule(_Strict):
     def _precision(cls, v: Any) -> Any:
         return None if v is None else parse_precision(v)
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str | None) -> str | None:
+        if v is not None and v not in WEIGHT_ALGORITHMS:
+            raise ValueError(f"{v!r} is not one of {', '.join(WEIGHT_ALGORITHMS)}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "Rule":
         fmt = FORMATS[self.precision]
@@ -224,6 +240,13 @@ class Rule(_Strict):
             raise ValueError(f"weights/activations overrides need a quantized precision, not {self.precision}")
         if self.calibrator and not fmt.quantized:
             raise ValueError(f"calibrator: {self.calibrator} has nothing to calibrate for precision {self.precision}")
+        if self.algorithm and self.weight_precision not in WEIGHT_ALGORITHMS[self.algorithm]:
+            fits = ", ".join(sorted(str(p) for p in WEIGHT_ALGORITHMS[self.algorithm]))
+            raise ValueError(f"algorithm: {self.algorithm} is an algorithm for {fits} weights, and this rule's "
+                             f"weights are {self.weight_precision}; drop it or set precision: nvfp4")
+        if self.algorithm and self.calibrator in ("smoothquant", "awq"):
+            raise ValueError(f"algorithm: {self.algorithm} and calibrator: {self.calibrator} both rewrite the "
+                             "weights; pick one")
         if self.fallback is not None and self.fallback == Precision.NVFP4:
             raise ValueError("fallback: nvfp4 cannot be a fallback (it is the format with shape limits)")
         return self
@@ -513,7 +536,8 @@ def _check_own_rules(path: Path, data: dict[str, Any]) -> None:
         try:
             Rule.model_validate(rule)
         except ValidationError as e:
-            msg = _format_validation_error(path, e)
+            # A rule-level check (no field of its own) reads "rules[i].<its message>".
+            msg = _format_validation_error(path, e).replace(f"{path}: (top level): ", f"{path}: ")
             raise RecipeError(msg.replace(f"{path}: ", f"{path}: rules[{i}].")) from None
 
 

@@ -367,6 +367,49 @@ def _register_sensitivity(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sensitivity)
 
 
+def cmd_autotune(args: argparse.Namespace) -> int:
+    from quantkit import autotune
+
+    result, out = autotune.run(args.recipe, args.model, target_cosine=args.target,
+                               max_linear_bytes=args.max_linear_bytes, dtype=args.dtype, device=args.device,
+                               calib=args.calib, max_samples=args.max_samples, batch_size=args.batch_size,
+                               out=args.out)
+    console.show(console.rows_table(
+        f"autotune of {result.recipe.name}: steps down the precision ladder", ("step", "action", "unit", "to",
+                                                                               "cosine", "linear bytes"),
+        [(s.get("step", ""), s["action"], s.get("unit", ""), s.get("to", ""), f"{s['cosine']:.6f}",
+          s.get("linear_bytes", "")) for s in result.steps if "cosine" in s]))
+    if result.reached:
+        # The verdict is a result, printed under --quiet too.
+        print(f"{result.recipe.name}: cosine {result.start_cosine:.6f} -> {result.reached_cosine:.6f} (target "
+              f"{result.target_cosine}) with {len(result.changes())} unit(s) moved; quantized-linear weights "
+              f"{result.start_bytes} -> {result.linear_bytes} bytes; recipe {out / autotune.RECIPE_FILE}, steps "
+              f"{out / autotune.RESULT_FILE}, plot {out / 'report.html'}")
+        return 0
+    print(f"target {result.target_cosine} NOT reached: the best cosine found was {result.best_cosine:.6f} "
+          f"({result.recipe.name} alone: {result.start_cosine:.6f}); steps in {out / autotune.RESULT_FILE}",
+          file=sys.stderr)
+    return 1
+
+
+def _register_autotune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("autotune", help="move layers down the precision ladder (nvfp4 -> fp8 -> 16-bit -> skip), "
+                                        "best measured cosine gain per byte first, until a target cosine")
+    _add_model_args(p)
+    p.add_argument("--target", type=float, required=True, help="held-out cosine to reach, e.g. 0.99")
+    p.add_argument("--max-linear-bytes", type=int, default=None,
+                   help="never let the quantized linears' weights exceed this many bytes")
+    p.add_argument("--calib", default=None, help="calibration set folder (default: the model's built-in set)")
+    p.add_argument("--max-samples", type=int, default=None, help="calibration samples (default: all; the recipe's "
+                                                                 "held-out share of them evaluates)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="folder for autotune.json, autotuned-recipe.yaml and report.html "
+                                               "(default: runs/autotune-<recipe>-<model>)")
+    _add_common(p)
+    p.set_defaults(func=cmd_autotune)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from quantkit import compare, ptq
 
@@ -433,7 +476,7 @@ def _register_compare_recipes(sub: argparse._SubParsersAction) -> None:
 
 # Verbs that live with their stage: each adds its own subparser.
 EXTRA_VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _register_collect, _register_export, _register_audit, _register_build, _register_sensitivity,
+    _register_collect, _register_export, _register_audit, _register_build, _register_sensitivity, _register_autotune,
     _register_compare, _register_compare_recipes]
 
 

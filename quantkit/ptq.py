@@ -272,6 +272,9 @@ def run_weight_algorithms(model: nn.Module, plan: Plan, forward_loop) -> None:
         off = [n for n, q in quantizers.items() if q.is_enabled and n.rsplit(".", 1)[0] not in layer_set]
         for n in off:
             quantizers[n].disable()
+        for n, q in quantizers.items():  # the pass calibrates its layers from scratch, as mtq.quantize would
+            if n.rsplit(".", 1)[0] in layer_set and q.is_enabled:
+                q.reset_amax()
         try:
             console.info(f"weight algorithm {name} on {len(layers)} layer(s)")
             mtq.calibrate(model, algorithm, forward_loop)

@@ -249,3 +249,54 @@ def test_model_quantized_on_cpu_fake_quantizes_like_cuda():
         n = int((c != d).sum())
         print(f"\nNVFP4PARITY mtq quantizer {i}: {n} of {c.numel()} differ, max {(c - d).abs().max().item():.4g}")
         assert n <= c.numel() // 100
+
+
+# --- the static blockwise path (the NVFP4 weight algorithms: four-over-six, MSE sweep, local Hessian, GPTQ)
+
+STATIC_SHAPES = ((4096, 4096), (1, 16), (3, 4, 48), (64, 1024), (257, 32))
+
+
+def modelopt_cuda_static(x, amax, global_amax, fp8_max):
+    out = tensor_quant.static_blockwise_fp4_fake_quant(x.cuda(), amax.cuda(), global_amax.cuda(), True, fp8_max,
+                                                        x.dtype, False)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+def static_transliteration(x, amax, global_amax, fp8_max, reciprocal=torch.reciprocal):
+    """static_blockwise_fp4_fake_quant_kernel line by line on the CPU, block scales from quantkit."""
+    scale = nvfp4_cpu.nvfp4_static_block_scales(amax, global_amax, True, fp8_max).reshape(-1, 1)
+    xs = x.reshape(scale.shape[0], -1).float()
+    safe = torch.where((scale == 0) | scale.isnan() | scale.isinf(), 1.0, scale)
+    a = xs.abs() * reciprocal(safe)
+    q = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
+        a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
+    y = torch.where(xs >= 0, q * safe, -(q * safe))
+    return torch.where(scale == 0, 0.0, y).reshape(x.shape).to(x.dtype), safe
+
+
+@pytest.mark.parametrize("fp8_max", (448.0, 256.0), ids=("mse-sweep", "four-over-six"))
+@pytest.mark.parametrize("dtype,shape,kind", [(dt, s, k) for dt in DTYPES for s in STATIC_SHAPES
+                                              for k in ("data", "ties", "calibrated")],
+                         ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))
+def test_static_cpu_matches_modelopt_cuda(dtype, shape, kind, fp8_max):
+    x, _ = _case(dtype, shape, "ties" if kind == "ties" else "data", seed=zlib.crc32(repr((dtype, shape, kind)).encode()))
+    blocks = x.float().reshape(-1, 16)
+    amax = blocks.abs().amax(-1)
+    if kind == "calibrated":  # an MSE search moves block amax below the block maximum
+        amax = amax * (0.5 + torch.rand(amax.shape, generator=torch.Generator().manual_seed(3)))
+    global_amax = amax.max()
+    gpu = modelopt_cuda_static(x, amax, global_amax, fp8_max)
+    gpu_scales = tensor_quant.triton_kernel.compute_fp4_scales(amax.cuda(), global_amax.cuda(), True, fp8_max).cpu()
+    cpu_scales = nvfp4_cpu.nvfp4_static_block_scales(amax, global_amax, True, fp8_max)
+    cpu = nvfp4_cpu.nvfp4_static_fake_quantize(x, amax, global_amax, True, fp8_max, dtype)
+    with_gpu_rcp, safe = static_transliteration(x, amax, global_amax, fp8_max, reciprocal=gpu_reciprocal)
+    mismatches = int((cpu != gpu).sum())
+    diff = (cpu.float() - gpu.float()).abs().reshape(-1, 16)
+    print(f"\nNVFP4PARITY static fp8_max={fp8_max:g} {str(dtype)[6:]:8s} {tuple(shape)!s:14s} {kind:10s} "
+          f"n={x.numel():9d} scale mismatches={int((cpu_scales != gpu_scales).sum())} mismatches={mismatches} "
+          f"| with the GPU's reciprocals: {int((with_gpu_rcp != gpu).sum())}")
+    assert torch.equal(cpu_scales, gpu_scales), "block scales: quantkit's CPU arithmetic vs compute_fp4_scales on CUDA"
+    assert torch.equal(with_gpu_rcp, gpu)
+    assert bool((diff <= 2 * safe + 0).all())
+    assert mismatches <= max(1, x.numel() // 100)

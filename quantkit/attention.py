@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit import multihead
 from quantkit.recipe import AttentionSpec, NamePattern, Precision
 
 IMPLEMENTATION = "quantkit"  # the name registered in transformers' AttentionInterface
@@ -162,12 +163,20 @@ def explicit_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if not _needs_explicit(module, query):
         return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                      scale=scale, enable_gqa=enable_gqa)
-    quantizers = _quantizers(module)
-    router = _MatmulRouter(module, quantizers)
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
+    return explicit_attention(module, query, key, value, attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale)[0]
+
+
+def explicit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None, *, dropout_p: float = 0.0, is_causal: bool = False,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(Q·Kᵀ·scale + mask)·V, the probabilities), written out: `module`'s bmm quantizers on the
+    matmuls, the softmax in FP32 when the module is protected. Masks as in SDPA (bool: True attends)."""
+    router = _MatmulRouter(module, _quantizers(module))
     L, S = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = router(query, key.transpose(-2, -1)) * scale
@@ -188,7 +197,7 @@ def explicit_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = router(probs, value)
     router.check()
-    return out
+    return out, probs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +350,7 @@ def _classify(module: nn.Module) -> tuple[str | None, str | None]:
             forward.__globals__.get(n) is _sdpa for n in names if hasattr(forward, "__globals__")):
         return "sdpa", None
     if isinstance(module, nn.MultiheadAttention):
-        return None, "torch.nn.MultiheadAttention runs fused kernels quantkit does not convert"
+        return None, "torch.nn.MultiheadAttention whose projections were not exposed (quantkit.multihead)"
     if not cls.__module__.startswith("torch.") and "softmax" in names:
         mm, sm = _matmul_pattern(forward)
         if mm == 2 and sm >= 1:
@@ -422,6 +431,9 @@ def route(site: AttentionSite, fp32_softmax: bool | None = None) -> None:
             current = config._attn_implementation
             object.__setattr__(config, _ORIGINAL_ATTN, current if current in ("eager", "sdpa") else "sdpa")
             config._attn_implementation = {"": IMPLEMENTATION}  # this config only, not its sub-configs
+    elif site.kind == multihead.ROUTED_KIND:
+        if not multihead.is_exposed(module):
+            raise ValueError(f"{site.name}: MultiheadAttention must be exposed (multihead.expose) before routing")
     elif site.kind in ("sdpa", "eager"):
         if not getattr(type(module), _ROUTED_FLAG, None):
             module.__class__ = _routed_class(type(module), site.kind)
@@ -439,6 +451,8 @@ def describe_route(site: AttentionSite) -> str:
                 "with explicit Q·Kᵀ and P·V")
     if site.kind == "sdpa":
         return "F.scaled_dot_product_attention replaced by explicit Q·Kᵀ, softmax, P·V"
+    if site.kind == multihead.ROUTED_KIND:
+        return "nn.MultiheadAttention: q/k/v/out projections as Linear layers, explicit Q·Kᵀ, softmax, P·V"
     return "its two matmuls and softmax intercepted"
 
 

@@ -30,6 +30,11 @@ class CalibrationError(InputError):
     pass
 
 
+class ModelRaised(CalibrationError):
+    """The model raised on one of its inputs (a calibration or evaluation batch): the message names
+    the batch and its tensors; `ptq` puts the model spec in front."""
+
+
 class ExportError(InputError):
     """The model could not be exported (bad input to the exporter, or a graph TensorRT cannot take)."""
 

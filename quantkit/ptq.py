@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from quantkit import console
-from quantkit.errors import CalibrationError, InputError, PlanError, QuantkitError
+from quantkit.errors import CalibrationError, InputError, ModelRaised, PlanError, QuantkitError
 from quantkit.graph_scales import snap_fp8_amax
 from quantkit.models import DTYPES, LoadedModel, load_model
 from quantkit.plan import Plan, make_plan
@@ -106,13 +106,15 @@ def probe_inputs(loaded: LoadedModel, device: torch.device | str, dtype: str) ->
 def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: torch.device | str = "cpu",
             strict: bool = False) -> Plan:
     """Move the model to device/dtype, plan it, and apply FP32 guards, attention Q/DQ and layer dtypes."""
-    from quantkit import attention, protect
+    from quantkit import attention, multihead, protect
     from quantkit.layer_dtype import apply_layer_dtypes
     from quantkit.placement import rebind_hooked_forwards
 
     model = loaded.model
     move_model(model, device, _torch_dtype(dtype))
     model.eval()
+    # Before planning: the projections of every nn.MultiheadAttention become layers of the plan.
+    multihead.expose_projections(model)
     plan = make_plan(model, recipe, model_dtype=dtype, strict=strict, example=probe_inputs(loaded, device, dtype))
     protections = protect.protect_model(model, recipe.protect)
     conversions = attention.convert_attention(model, recipe.attention)
@@ -167,12 +169,25 @@ def run_outputs(loaded: LoadedModel, model: nn.Module, dataset, batch_size: int,
     """The named outputs of `model` on every batch of `dataset`, in FP32 on the CPU."""
     from tqdm.auto import tqdm
 
+    from quantkit.calib import Sample, call_model
+
     outs = []
     batches = list(dataset.batches(batch_size, device=device, dtype=_torch_dtype(dtype)))
-    for args, kwargs in tqdm(batches, desc=desc, disable=console.is_quiet(), leave=False):
-        result = loaded.named_outputs(model(*args, **kwargs))
+    for i, (args, kwargs) in enumerate(tqdm(batches, desc=desc, disable=console.is_quiet(), leave=False)):
+        with _naming_the_model(loaded):
+            result = call_model(model, Sample(args, kwargs), f"{desc} batch {i}")
+        result = loaded.named_outputs(result)
         outs.append({k: v.detach().float().cpu() for k, v in result.items()})
     return outs
+
+
+@contextlib.contextmanager
+def _naming_the_model(loaded: LoadedModel):
+    """A model's own exception (ModelRaised) leaves with the model spec in front of it."""
+    try:
+        yield
+    except ModelRaised as e:
+        raise ModelRaised(f"{loaded.spec}: {e}") from None
 
 
 def compare_runs(reference: list[dict[str, torch.Tensor]], candidate: list[dict[str, torch.Tensor]]):
@@ -334,7 +349,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
         forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
                                                progress=not console.is_quiet())
     with torch.no_grad():
-        with _quiet_stdout():
+        with _quiet_stdout(), _naming_the_model(loaded):
             mtq.quantize(loaded.model, config, forward_loop)
             run_weight_algorithms(loaded.model, plan, forward_loop)
         finish_histogram_calibration(loaded.model, plan)

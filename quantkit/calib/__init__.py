@@ -33,8 +33,8 @@ importable from `quantkit.calib` as before.
 
 from quantkit.calib.batching import BATCHING_CALLS, BATCHING_EXAMPLES, batching_for, collate
 from quantkit.calib.calibration_set import CalibrationSet
-from quantkit.calib.codec import (Sample, decode_sample, detached_copy, encode_sample, merge_fields, sample_fields,
-                                  to_device)
+from quantkit.calib.codec import (Sample, call_model, decode_sample, describe_inputs, detached_copy, encode_sample,
+                                  merge_fields, sample_fields, to_device)
 from quantkit.calib.set_folder import (FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PATTERN, SetWriter, read_manifest,
                                        read_shard, verify_shards, write_shard)
 from quantkit.calib.sources import (builtin_names, builtin_set, calibration_dir, read_sentences, synthetic_samples,
@@ -42,7 +42,7 @@ from quantkit.calib.sources import (builtin_names, builtin_set, calibration_dir,
 
 __all__ = [
     "BATCHING_CALLS", "BATCHING_EXAMPLES", "FORMAT", "FORMAT_VERSION", "MANIFEST", "SHARD_PATTERN",
-    "CalibrationSet", "Sample", "SetWriter",
+    "CalibrationSet", "Sample", "SetWriter", "call_model", "describe_inputs",
     "batching_for", "builtin_names", "builtin_set", "calibration_dir", "collate", "decode_sample", "detached_copy",
     "encode_sample", "merge_fields", "read_manifest", "read_sentences", "read_shard", "sample_fields",
     "synthetic_samples", "synthetic_set", "text_pad_values", "text_samples", "to_device", "verify_shards",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import torch
 
 from quantkit.calib.batching import BATCHING_CALLS, BATCHING_EXAMPLES, _signature, batching_for, collate
-from quantkit.calib.codec import Sample, _present_fields, merge_fields, to_device
+from quantkit.calib.codec import Sample, _present_fields, call_model, merge_fields, to_device
 from quantkit.calib.set_folder import (FORMAT_VERSION, SetWriter, _ShardStore, check_fields, read_manifest,
                                        verify_shards)
 from quantkit.errors import CalibrationError
@@ -250,9 +250,9 @@ class CalibrationSet:
             pad = self.pad_values
             with torch.no_grad(), tqdm(total=sum(len(g) for g in batches), desc=desc, unit="sample", leave=False,
                                        disable=not progress or console.is_quiet()) as bar:
-                for group in batches:
+                for k, group in enumerate(batches):
                     s = to_device(collate([self[i] for i in group], pad), device, dtype)
-                    target(*s.args, **s.kwargs)
+                    call_model(target, s, f"calibration batch {k} (samples {group[0]}..{group[-1]})")
                     bar.update(len(group))
 
         return loop

@@ -184,3 +184,26 @@ def _present_fields(fields: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
             f.pop("shape_max")
         out[path] = f
     return out
+
+
+def describe_inputs(sample: Sample, limit: int = 6) -> str:
+    """`input_ids int64[2, 22], pixel_values float32[2, 3, 32, 32]`: what a call received, for messages."""
+    _, tensors = encode_sample(sample)
+    parts = [f"{p.split('.', 1)[-1]} {_dtype_name(t.dtype)}{list(t.shape)}" for p, t in tensors.items()]
+    more = f", … {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more if parts else "no tensors"
+
+
+def call_model(model: Any, sample: Sample, what: str) -> Any:
+    """model(*args, **kwargs); an exception of the model's own becomes one line naming the batch and its
+    inputs (ModelRaised, exit 2) instead of a traceback from deep inside the model."""
+    from quantkit.errors import ModelRaised, QuantkitError
+
+    try:
+        return model(*sample.args, **sample.kwargs)
+    except QuantkitError:
+        raise
+    except Exception as e:
+        first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
+        raise ModelRaised(f"{type(model).__name__} raised on {what}, inputs {describe_inputs(sample)}: "
+                          f"{type(e).__name__}: {first}") from e

@@ -111,9 +111,20 @@ def builtin_set(loaded: "LoadedModel", name: str | None = None, max_samples: int
 
 
 def synthetic_samples(loaded: "LoadedModel", n: int, seed: int) -> list[Sample]:
-    """Random model inputs: token ids for a tokenizer model, else noise shaped like example_inputs."""
+    """Random model inputs: example_inputs with their floating tensors replaced by noise (integer and
+    bool tensors kept as they are), else random token ids for a tokenizer model."""
     g = torch.Generator().manual_seed(seed)
     out = []
+    if loaded.example_inputs:
+        # Only floating tensors are noise. Integer and bool inputs are structure (token ids laid out
+        # around image tokens, masks, class labels, timesteps): random ones make inputs the model
+        # rejects or never sees (PaliGemma: "Image features and image tokens do not match").
+        for _ in range(n):
+            kw = {k: torch.randn(v.shape, generator=g).to(v.dtype) if torch.is_tensor(v) and v.is_floating_point()
+                  else v.clone() if torch.is_tensor(v) else v
+                  for k, v in loaded.example_inputs.items()}
+            out.append(Sample((), kw))
+        return out
     if loaded.tokenizer is not None and "input_ids" in loaded.input_names:
         vocab = int(getattr(loaded.tokenizer, "vocab_size", None) or len(loaded.tokenizer))
         hi = max(9, min(48, loaded.max_length))
@@ -124,19 +135,6 @@ def synthetic_samples(loaded: "LoadedModel", n: int, seed: int) -> list[Sample]:
                 kw["attention_mask"] = torch.ones(1, length, dtype=torch.long)
             if "token_type_ids" in loaded.input_names:
                 kw["token_type_ids"] = torch.zeros(1, length, dtype=torch.long)
-            out.append(Sample((), kw))
-        return out
-    if loaded.example_inputs:
-        for _ in range(n):
-            kw = {}
-            for k, v in loaded.example_inputs.items():
-                if v.is_floating_point():
-                    kw[k] = torch.randn(v.shape, generator=g).to(v.dtype)
-                elif v.dtype == torch.bool:
-                    kw[k] = torch.randint(0, 2, v.shape, generator=g).bool()
-                else:
-                    lo, hi = (int(v.min()), int(v.max())) if v.numel() else (0, 0)
-                    kw[k] = torch.randint(lo, hi + 1, v.shape, generator=g).to(v.dtype)
             out.append(Sample((), kw))
         return out
     raise CalibrationError(f"{loaded.spec}: cannot make synthetic inputs: the model has neither a tokenizer nor "

@@ -341,6 +341,16 @@ def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict
     return violations, attention_rows, absent
 
 
+def _plan_module_names(plan: Mapping[str, Any] | None) -> list[str]:
+    """The module names a plan knows (layers, protections, attention): graph scopes resolve to them."""
+    if not plan:
+        return []
+    names = [row.get("name", "") for row in plan.get("layers", [])]
+    names += [p.get("name", "") for p in plan.get("protected", []) if ":" not in p.get("name", "")]
+    names += [a.get("name", "") for a in plan.get("attention", [])]
+    return [n for n in names if n]
+
+
 def _operand_dq_is(index: GraphIndex, node_name: str, dq_name: str) -> bool:
     node = next((n for n in index.nodes if n.name == node_name), None)
     if node is None:
@@ -360,7 +370,7 @@ def audit(onnx_path: str | os.PathLike | onnx.ModelProto, plan_dict: Mapping[str
         model, label = load_graph(onnx_path), os.fspath(onnx_path)
     if plan_dict is not None:
         check_plan_shape(plan_dict, label)
-    index = GraphIndex.build(model)
+    index = GraphIndex.build(model, module_names=_plan_module_names(plan_dict))
     compute = _compute_nodes(index)
     softmax, norms, rope = _softmaxes(index), _norms(index), _ropes(index)
     exporter_added = _exporter_added_qdq(index)

@@ -28,6 +28,7 @@ DTYPE_NAMES = {FLOAT: "float32", FLOAT16: "float16", BFLOAT16: "bfloat16", DOUBL
 # The quantkit precision each quantized element type stands for.
 QUANT_FORMATS = {FP8: "fp8", INT8: "int8", UINT8: "int8", FP4: "nvfp4"}
 SCOPE_PREFIX_KEY = "quantkit.scope_prefix"
+MODULE_NAMES_KEY = "quantkit.module_names"  # JSON list of the exported model's module names
 TORCH_TO_ONNX = {"fp32": FLOAT, "fp16": FLOAT16, "bf16": BFLOAT16}
 
 Q_OPS = {"QuantizeLinear", "TRT_FP8QuantizeLinear", "TRT_INT4QuantizeLinear"}
@@ -64,9 +65,13 @@ class GraphIndex:
     graph_inputs: list[str] = field(default_factory=list)
     graph_outputs: list[str] = field(default_factory=list)
     scope_prefix: str = ""
+    scopes: "ScopeResolver | None" = None
 
     @classmethod
-    def build(cls, model: onnx.ModelProto, scope_prefix: str | None = None) -> "GraphIndex":
+    def build(cls, model: onnx.ModelProto, scope_prefix: str | None = None,
+              module_names: Iterable[str] = ()) -> "GraphIndex":
+        """`module_names` (with those the export recorded in the graph's metadata) resolve scopes to
+        module names whatever the wrapping; without any, scopes are joined as they read."""
         g = model.graph
         index = cls(model=model)
         index.initializers = {t.name: t for t in g.initializer}
@@ -81,6 +86,8 @@ class GraphIndex:
         index.graph_outputs = [v.name for v in g.output]
         index.dtypes = infer_dtypes(model)
         index.scope_prefix = guess_scope_prefix(model) if scope_prefix is None else scope_prefix
+        names = [*recorded_module_names(model), *module_names]
+        index.scopes = ScopeResolver(names) if names else None
         return index
 
     @property
@@ -120,7 +127,7 @@ class GraphIndex:
 
     def module_of(self, node: onnx.NodeProto) -> str:
         """`/model/layers.0/mlp/up_proj/MatMul` -> `layers.0.mlp.up_proj` (the scope prefix removed)."""
-        return module_of_name(node.name, self.scope_prefix)
+        return module_of_name(node.name, self.scope_prefix, self.scopes)
 
     def upstream(self, tensor: str, through: Iterable[str] = PASS_THROUGH_OPS | {"Cast"}) -> onnx.NodeProto | None:
         """The first producer of `tensor` that is not a pass-through op (Transpose, Reshape, Cast...)."""
@@ -173,10 +180,13 @@ def scope_boundary(index: "GraphIndex", module: str) -> tuple[list[str], list[st
     return entering, leaving
 
 
-def module_of_name(node_name: str, scope_prefix: str = "") -> str:
+def module_of_name(node_name: str, scope_prefix: str = "", scopes: "ScopeResolver | None" = None) -> str:
     parts = [p for p in node_name.split("/") if p]
     if len(parts) <= 1:
         return ""
+    if scopes is not None:
+        chain = parts[1:-1] if scope_prefix and parts[0] == scope_prefix else parts[:-1]
+        return scopes.resolve(tuple(chain))
     module = ".".join(_join_scopes(parts[:-1]))
     if scope_prefix and (module == scope_prefix or module.startswith(scope_prefix + ".")):
         module = module[len(scope_prefix) + 1:]
@@ -203,6 +213,60 @@ def _join_scopes(scopes: list[str]) -> list[str]:
                     break
         atoms.extend(parts[overlap:])
     return atoms
+
+
+class ScopeResolver:
+    """Graph scopes -> dotted module names, whatever wraps the model.
+
+    A scope is a *called* module, named by the tail of its qualified name (see `_join_scopes`); a
+    module that is only reached through (`self.vae.decode(z)`: `vae` is never called) leaves no
+    scope, so `/model/decoder/mid_block/...` is `vae.decoder.mid_block...`. Each scope is resolved
+    to the nearest known module below the previous one whose name ends with the scope's atoms; what
+    no known module explains is appended as it reads."""
+
+    def __init__(self, names: Iterable[str]):
+        known: set[tuple[str, ...]] = set()
+        for name in names:
+            atoms = tuple(a for a in name.split(".") if a)
+            for k in range(1, len(atoms) + 1):
+                known.add(atoms[:k])
+        self._by_last: dict[str, list[tuple[str, ...]]] = {}
+        for atoms in sorted(known, key=len):  # shortest (nearest) first
+            self._by_last.setdefault(atoms[-1], []).append(atoms)
+        self._cache: dict[tuple[str, ...], str] = {}
+
+    def _below(self, current: tuple[str, ...], scope: list[str]) -> tuple[str, ...] | None:
+        for atoms in self._by_last.get(scope[-1], ()):
+            if len(atoms) > len(current) and atoms[:len(current)] == current and \
+                    len(atoms) >= len(scope) and list(atoms[len(atoms) - len(scope):]) == scope:
+                return atoms
+        return None
+
+    def resolve(self, chain: tuple[str, ...]) -> str:
+        if chain not in self._cache:
+            current: tuple[str, ...] = ()
+            rest: list[str] = []
+            for i, scope in enumerate(chain):
+                found = self._below(current, scope.split("."))
+                if found is None:
+                    rest = list(chain[i:])
+                    break
+                current = found
+            atoms = _join_scopes([".".join(current), *rest]) if current and rest else \
+                list(current) if current else _join_scopes(list(chain))
+            self._cache[chain] = ".".join(atoms)
+        return self._cache[chain]
+
+
+def recorded_module_names(model: onnx.ModelProto) -> list[str]:
+    import json
+
+    value = {p.key: p.value for p in model.metadata_props}.get(MODULE_NAMES_KEY)
+    try:
+        names = json.loads(value) if value else []
+    except ValueError:
+        return []
+    return [n for n in names if isinstance(n, str)]
 
 
 def guess_scope_prefix(model: onnx.ModelProto) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 
 from quantkit import console
 from quantkit.errors import ExportError, InputError
-from quantkit.export.graph import SCOPE_PREFIX_KEY, dtype_name
+from quantkit.export.graph import MODULE_NAMES_KEY, SCOPE_PREFIX_KEY, dtype_name
 from quantkit.export.surgery import SurgeryLog, prepare_for_tensorrt, set_metadata
 from quantkit.recipe import Precision
 
@@ -415,8 +415,11 @@ def export_model(model: nn.Module, example: Mapping[str, torch.Tensor], path: st
     with tempfile.TemporaryDirectory(prefix="quantkit-export-") as tmp:
         raw_path = _modelopt_export(wrapper, args, opset, mo_axes, mo_weights, Path(tmp))
         raw = load_model(raw_path)
+    # The module names let the audit and the per-block reference map graph scopes back to modules
+    # whatever wraps them (graph.ScopeResolver).
     set_metadata(raw, {SCOPE_PREFIX_KEY: _WRAPPER_ATTR, "quantkit.weights_dtype": graph_weights,
-                       "quantkit.io_dtype": io_dtype})
+                       "quantkit.io_dtype": io_dtype,
+                       MODULE_NAMES_KEY: json.dumps([n for n, _ in model.named_modules() if n])})
     with _quiet_exporter():
         model_proto, surgery = prepare_for_tensorrt(raw, input_names=input_names, output_names=output_names,
                                                      io_dtype=io_dtype)

@@ -2,7 +2,9 @@
 
 The layer's parameters are cast, its floating inputs are cast on the way in and its outputs cast
 back to the surrounding dtype on the way out, with forward hooks, so the exported graph shows the
-Cast nodes that a strongly-typed TensorRT build keeps. Module names and classes do not change.
+Cast nodes that a strongly-typed TensorRT build keeps. `seal_islands` gives the same boundary casts
+to any other module whose own weights ended up in another dtype (shared with a layer the plan casts).
+Module names and classes do not change.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def set_layer_dtype(module: nn.Module, dtype: torch.dtype, surrounding: torch.dt
     if getattr(module, _HOOK_FLAG, None) is not None or dtype == surrounding:
         return False
     module.to(dtype)
+    _cast_at_boundaries(module, dtype, surrounding)
+    return True
 
+
+def _cast_at_boundaries(module: nn.Module, dtype: torch.dtype, surrounding: torch.dtype) -> None:
     def cast_in(mod, args, kwargs):
         return _cast_tree(args, dtype), _cast_tree(kwargs, dtype)
 
@@ -44,7 +50,30 @@ def set_layer_dtype(module: nn.Module, dtype: torch.dtype, surrounding: torch.dt
     module.register_forward_pre_hook(cast_in, with_kwargs=True)
     module.register_forward_hook(cast_out, with_kwargs=True)
     setattr(module, _HOOK_FLAG, dtype)
-    return True
+
+
+def _own_dtype(module: nn.Module) -> torch.dtype | None:
+    """The one floating dtype of the module's own parameters (not its children's), else None."""
+    dtypes = {p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def seal_islands(model: nn.Module, model_dtype: torch.dtype) -> list[tuple[str, torch.dtype]]:
+    """Boundary casts for every module whose own weights ended up in another dtype than the model's
+    without being a planned island: a weight shared with a layer the plan casts (tied embedding and
+    lm_head) changes dtype under the other module too, which then hands its neighbours tensors of the
+    wrong dtype ("mat1 and mat2 must have the same dtype"). FP32 guards cast for themselves."""
+    from quantkit.protect import is_guarded
+
+    sealed = []
+    for name, module in model.named_modules():
+        if getattr(module, _HOOK_FLAG, None) is not None or is_guarded(module):
+            continue
+        dtype = _own_dtype(module)
+        if dtype is not None and dtype != model_dtype:
+            _cast_at_boundaries(module, dtype, model_dtype)
+            sealed.append((name, dtype))
+    return sealed
 
 
 def apply_layer_dtypes(model: nn.Module, rows: list[Any], model_dtype: torch.dtype) -> list[str]:

@@ -1,4 +1,4 @@
-"""FP32 guards: softmax, RMSNorm/LayerNorm, rotary embeddings and user-declared modules or functions
+"""FP32 guards: softmax, RMSNorm/LayerNorm, GroupNorm/InstanceNorm, unfolded BatchNorm, rotary embeddings and user-declared modules or functions
 compute in FP32 inside an FP16/BF16 model and cast back, so that the exported graph carries
 Cast -> op(FLOAT) -> Cast, which a strongly-typed TensorRT build keeps. In an FP32 model every guard
 is an identity: outputs stay bit-identical. Module names never change, Linear layers stay visible.
@@ -118,6 +118,11 @@ def _guarded_class(cls: type, op: str) -> type:
     return guarded
 
 
+def is_guarded(module: nn.Module) -> bool:
+    """The module runs under an FP32 guard (it casts its own inputs and outputs)."""
+    return getattr(type(module), _GUARD_FLAG, None) is not None
+
+
 def _guard(module: nn.Module, op: str) -> None:
     if getattr(type(module), _GUARD_FLAG, None) is None:
         if op == "rope":
@@ -162,6 +167,21 @@ def _has_param_children(module: nn.Module) -> bool:
     return any(any(True for _ in child.parameters()) for child in module.children())
 
 
+def _folded_batchnorms(model: nn.Module) -> set[int]:
+    """BatchNorms registered right after a conv of matching width in the same parent (Conv -> BN, as in
+    ResNet's conv1/bn1 and every Conv-BN-Act Sequential): TensorRT folds those into the conv, and a
+    guard's casts between the two would stop it. Read from the module structure, not from a trace."""
+    folded: set[int] = set()
+    for parent in model.modules():
+        previous = None
+        for child in parent.children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and isinstance(previous, nn.modules.conv._ConvNd) \
+                    and getattr(previous, "out_channels", None) == child.num_features:
+                folded.add(id(child))
+            previous = child
+    return folded
+
+
 def classify(module: nn.Module) -> str | None:
     """Which protectable op a module is, by type and by class name/structure (any library's RMSNorm)."""
     cls = attention.original_class(module)
@@ -175,6 +195,10 @@ def classify(module: nn.Module) -> str | None:
         src = _source(cls)
         rms = not hasattr(module, "bias") and ("pow(2)" in src or "rsqrt" in src or "square" in src)
         return "rmsnorm" if rms else "layernorm"
+    if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)) or name.endswith("groupnorm"):
+        return "groupnorm"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
     if isinstance(module, nn.Softmax):
         return "softmax"
     if ("rotary" in name or "rope" in name) and "embedding" in name or (
@@ -186,6 +210,9 @@ def classify(module: nn.Module) -> str | None:
 _HOW = {
     "rmsnorm": "input upcast to FP32, variance, normalization and weight in FP32, output cast back",
     "layernorm": "input upcast to FP32, mean/variance, normalization and affine in FP32, output cast back",
+    "groupnorm": "input upcast to FP32, per-group mean/variance, normalization and affine in FP32, output cast back",
+    "batchnorm": "not directly after a conv (TensorRT folds only Conv -> BatchNorm): input upcast to FP32, "
+                 "normalization and affine in FP32, output cast back",
     "rope": "frequencies (inv_freq kept FP32) and cos/sin computed in FP32, cast back to the activation dtype",
     "softmax": "softmax computed as Cast(FLOAT) -> Softmax -> Cast back",
     "custom": "declared in protect.modules: inputs upcast to FP32, parameters kept FP32, outputs cast back",
@@ -301,7 +328,8 @@ def _is_user_module(module: nn.Module, user: list[tuple[str, type | None]]) -> b
 def protect_model(model: nn.Module, spec: ProtectSpec) -> list[Protection]:
     """Apply the FP32 guards `spec` asks for, in place; returns what is protected.
 
-    Recognized without configuration: nn.LayerNorm, nn.RMSNorm, nn.Softmax, any class whose name
+    Recognized without configuration: nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm*d,
+    nn.BatchNorm*d not registered right after a conv (TensorRT folds those), nn.Softmax, any class whose name
     contains "RMSNorm" or ends with "LayerNorm" (RMS when it has no bias), rotary-embedding modules
     ("Rotary…Embedding" or with an inv_freq buffer), the `apply_rotary_pos_emb`-style functions of
     the model's modeling files, and attention softmax (see quantkit.attention). A recipe adds its own:
@@ -318,6 +346,7 @@ def protect_model(model: nn.Module, spec: ProtectSpec) -> list[Protection]:
     user = _user_classes(spec.modules)
     out: list[Protection] = []
     inside_custom: list[str] = []
+    folded = _folded_batchnorms(model) if "batchnorm" in ops else set()
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in inside_custom):
             continue  # already computing in FP32 as a whole
@@ -332,6 +361,8 @@ def protect_model(model: nn.Module, spec: ProtectSpec) -> list[Protection]:
             continue
         if op != "softmax" and _has_param_children(module):
             continue  # an adaptive norm with its own Linear layers (AdaLayerNorm): not a leaf op
+        if op == "batchnorm" and id(module) in folded:
+            continue
         _guard(module, op)
         out.append(Protection(name, op, cls_name, _HOW[op]))
 

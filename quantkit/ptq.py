@@ -107,7 +107,7 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
             strict: bool = False) -> Plan:
     """Move the model to device/dtype, plan it, and apply FP32 guards, attention Q/DQ and layer dtypes."""
     from quantkit import attention, multihead, protect
-    from quantkit.layer_dtype import apply_layer_dtypes
+    from quantkit.layer_dtype import apply_layer_dtypes, seal_islands
     from quantkit.placement import rebind_hooked_forwards
 
     model = loaded.model
@@ -119,6 +119,9 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
     protections = protect.protect_model(model, recipe.protect)
     conversions = attention.convert_attention(model, recipe.attention)
     apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype))
+    for name, island in seal_islands(model, _torch_dtype(dtype)):
+        plan.warnings.append(f"{name or type(model).__name__}: its weights are {str(island).removeprefix('torch.')} "
+                             f"in a {dtype} model (shared with a layer the plan casts); it casts at its boundaries")
     rebind_hooked_forwards(model)  # the guards and attention routing swapped classes under accelerate's hooks
     plan.protections = [dataclasses.asdict(p) for p in protections]
     plan.attention = [dataclasses.asdict(c) for c in conversions]

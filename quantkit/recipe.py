@@ -117,7 +117,7 @@ WEIGHT_ALGORITHMS: dict[str, frozenset[Precision]] = {
     name: frozenset({Precision.NVFP4})
     for name in ("four_over_six", "mse_fp8_sweep", "local_hessian", "awq_lite", "awq_clip", "awq_full", "gptq")
 }
-PROTECTABLE_OPS = ("softmax", "rmsnorm", "layernorm", "rope")
+PROTECTABLE_OPS = ("softmax", "rmsnorm", "layernorm", "groupnorm", "batchnorm", "rope")
 
 
 def parse_precision(value: Any) -> Precision:
@@ -281,6 +281,8 @@ class ProtectSpec(_Strict):
     softmax: bool = True
     rmsnorm: bool = True
     layernorm: bool = True
+    groupnorm: bool = True  # GroupNorm and InstanceNorm (VAE / UNet / diffusion-policy conv stacks)
+    batchnorm: bool = True  # BatchNorm that TensorRT cannot fold into the conv before it
     rope: bool = True
     # Extra module classes to run in FP32: a class name ("MyNorm") or "package.module:Class".
     modules: list[str] = Field(default_factory=list)

@@ -2,7 +2,7 @@
 
 `audit(model.onnx, plan)` walks the graph with inferred dtypes and finds every MatMul/Gemm/Conv and
 the format of the DequantizeLinear feeding each operand, every Softmax, normalization
-(LayerNormalization, the RMSNorm pattern ReduceMean(x²)…Sqrt/Reciprocal) and rotary pattern with the
+(LayerNormalization, Instance/GroupNormalization, BatchNormalization, the RMSNorm pattern ReduceMean(x²)…Sqrt/Reciprocal) and rotary pattern with the
 dtype it computes in, the attention matmuls with and without Q/DQ, and Casts that narrow a protected
 op's input. Against a plan it checks that each planned layer has Q/DQ of its format, that no layer
 the plan left alone is quantized, and that every protected op computes in FP32. `PrecisionAudit`
@@ -173,13 +173,19 @@ def _downstream(index: GraphIndex, tensor: str, ops: set[str], depth: int = 4) -
     return found
 
 
+# torch exports GroupNorm as Reshape -> InstanceNormalization -> Reshape -> affine (opset 9 symbolic).
+_NORM_OPS = {"LayerNormalization": "layernorm", "RMSNormalization": "rmsnorm", "SimplifiedLayerNormalization": "rmsnorm",
+             "InstanceNormalization": "groupnorm", "GroupNormalization": "groupnorm",
+             "BatchNormalization": "batchnorm"}
+
+
 def _norms(index: GraphIndex) -> list[dict[str, Any]]:
     rows = []
     for node in index.nodes:
-        if node.op_type in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+        if node.op_type in _NORM_OPS:
             dtype = index.dtype(node.input[0])
             cast = _narrowing_cast_upstream(index, node.input[0]) if dtype != FLOAT else None
-            kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
+            kind = _NORM_OPS[node.op_type]
             rows.append({"node": node.name, "module": index.module_of(node), "kind": kind, "pattern": node.op_type,
                          "dtype": dtype_name(dtype), "narrowed_by": cast.name if cast is not None else None})
         elif node.op_type == "ReduceMean":
@@ -330,6 +336,7 @@ def _check_plan(plan: Mapping[str, Any], compute: list[dict], softmax: list[dict
     checks = [("softmax", softmax, "Softmax")]
     checks += [("layernorm", [n for n in norms if n["kind"] == "layernorm"], "normalization")]
     checks += [("rmsnorm", [n for n in norms if n["kind"] == "rmsnorm"], "RMSNorm")]
+    checks += [(kind, [n for n in norms if n["kind"] == kind], kind) for kind in ("groupnorm", "batchnorm")]
     checks += [("rope", rope, "rotary")]
     for op, rows, label in checks:
         if not ops.get(op):
@@ -383,7 +390,8 @@ def audit(onnx_path: str | os.PathLike | onnx.ModelProto, plan_dict: Mapping[str
     for node in index.nodes:
         if node.op_type == "Cast" and int(attribute(node, "to", 0)) in _NARROW and index.dtype(node.input[0]) == FLOAT:
             targets = {c.op_type for c in index.consumers.get(node.output[0], [])}
-            protected_ops = targets & {"Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal"}
+            protected_ops = targets & {"Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal",
+                                       "InstanceNormalization", "GroupNormalization", "BatchNormalization"}
             if protected_ops:
                 narrowing.append({"node": node.name, "to": dtype_name(int(attribute(node, "to"))),
                                   "feeds": sorted(protected_ops)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -235,7 +236,8 @@ def _fp8_export_fixes(model: nn.Module):
     has FP8 weight *and* input quantizers; a model whose only FP8 quantizers are quantkit's
     attention-matmul ones would keep custom ops that nothing but TensorRT runs. And that
     post-processing gives every Conv weight FP8 Q/DQ, also the Convs the plan leaves unquantized:
-    here only the Convs whose weight quantizer is on (the ones ModelOpt switched off to export) get it.
+    here only the Convs whose weight quantizer is on (the ones ModelOpt switched off to export) get it
+    (a Conv with a BatchNorm folded in by the exporter is not one of them).
     """
     from modelopt.onnx.export.fp8_exporter import FP8QuantExporter
     from modelopt.torch._deploy.utils import torch_onnx
@@ -244,15 +246,16 @@ def _fp8_export_fixes(model: nn.Module):
     own_conv = FP8QuantExporter.__dict__["_quantize_conv_weights_to_fp8"]
     any_fp8 = any(_is_fp8(m) for m in model.modules())
     convs = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
-    # The exporter names a Conv's weight initializer after the parameter.
-    unquantized = {f"{name}.weight" for name, m in convs.items()
-                   if not getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
+    # The exporter names a Conv's weight initializer after the parameter, except where it folded a
+    # BatchNorm into the Conv (new weights, new name): only the named weights of quantized Convs get Q/DQ.
+    quantized = {f"{name}.weight" for name, m in convs.items()
+                 if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
 
     def is_fp8_quantized(m: nn.Module) -> bool:
         return own_check(m) or any_fp8
 
     def quantize_conv_weights_to_fp8(graph) -> int:
-        hidden = [n for n in graph.nodes if n.op == "Conv" and len(n.inputs) > 1 and n.inputs[1].name in unquantized]
+        hidden = [n for n in graph.nodes if n.op == "Conv" and len(n.inputs) > 1 and n.inputs[1].name not in quantized]
         for n in hidden:
             n.op = "Conv:not-quantized"  # skipped by ModelOpt's `node.op != "Conv"` test
         try:

@@ -1,0 +1,110 @@
+"""Precision islands cast at their boundaries: a layer whose weights end up in another dtype than
+its neighbours' (an FP16 lm_head whose weight is tied to the embedding, inside an FP32 model) hands
+its neighbours their own dtype. PaliGemma goes through `collect --runner` -> quantize -> export on
+inputs collected from images and a prompt, the way a pi0 user records them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import families  # noqa: E402
+
+PROMPT = [17, 42, 99, 7, 3, 11]
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.lm_head = nn.Linear(32, 64, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids):
+        return self.lm_head(self.mlp(self.embed(input_ids)))
+
+
+def tied_lm():
+    from quantkit.models import LoadedModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TiedLM().eval()
+    return LoadedModel(spec=f"{__file__}:tied_lm", model=model, input_names=["input_ids"], output_names=["logits"],
+                       example_inputs={"input_ids": torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))})
+
+
+def test_tied_fp16_head_casts_the_embedding_at_its_boundaries():
+    """The fp8 recipe's FP16 head rule casts lm_head, and with it the tied embedding weight: at c5d9469
+    the embedding then fed FP16 into the FP32 MLP ("mat1 and mat2 must have the same dtype")."""
+    from quantkit import calib, ptq
+    from quantkit.recipe import load_recipe
+
+    loaded = tied_lm()
+    result = ptq.quantize(loaded, load_recipe("fp8"), calib.synthetic_set(loaded, n=8, seed=0), batch_size=4,
+                          per_layer=False)
+    assert loaded.model.embed.weight.dtype == torch.float16
+    seen = {}
+    loaded.model.mlp[0].register_forward_pre_hook(lambda m, a: seen.update({"mlp.0": a[0].dtype}))
+    with torch.no_grad():
+        out = loaded.model(loaded.example_inputs["input_ids"])
+    assert seen["mlp.0"] == torch.float32 and out.dtype == torch.float32
+    assert any(w.startswith("embed: its weights are float16 in a fp32 model") for w in result.plan.warnings)
+    assert result.report["metrics"]["fake-quant"]["logits"]["cosine"] > 0.99
+
+
+def pali_runner(model, row):
+    """An image and a prompt -> PaliGemma's inputs, as a pi0 data pipeline makes them."""
+    import numpy as np
+
+    image = row["image"].convert("RGB").resize((32, 32))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    ids = torch.tensor([[families.PALIGEMMA_IMAGE_TOKEN] * 16 + PROMPT])
+    dtype = next(model.parameters()).dtype
+    return model(input_ids=ids, pixel_values=pixels.to(dtype), attention_mask=torch.ones_like(ids))
+
+
+def test_paligemma_collect_runner_quantize_export(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from quantkit.cli import main
+    from quantkit.export.audit import audit
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    spec = f"{families.HERE}:paligemma"
+    calib_dir, out = tmp_path / "calib", tmp_path / "out"
+    assert main(["collect", "--model", spec, "--data", str(images), "--runner", f"{__file__}:pali_runner",
+                 "--out", str(calib_dir), "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    manifest = json.loads((calib_dir / "manifest.json").read_text())
+    assert manifest["samples"] == 12 and manifest["synthetic"] is False
+    rc = main(["quantize", "--recipe", "fp8", "--model", spec, "--calib", str(calib_dir), "--out", str(out),
+               "--device", "cpu", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["synthetic"] is False
+    assert report["metrics"]["fake-quant"]["logits"]["cosine"] > 0.99
+    plan = json.loads((out / "plan.json").read_text())
+    rows = {r["name"]: r for r in plan["layers"]}
+    heads = [n for n, m in families.paligemma().model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(heads) == 1  # SigLIP's pooling head: its projections are layers of the plan
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert rows[f"{heads[0]}.{proj}"]["kind"] == "linear" and rows[f"{heads[0]}.{proj}"]["precision"] != "skip"
+    assert main(["export", "--from", str(out), "-q"]) == 0, capsys.readouterr().err
+    result = audit(out / "model.onnx", plan)
+    assert result.violations == []
+    # 2 SigLIP and 2 Gemma layers; the pooling head feeds no graph output (PaliGemma reads the patch tokens).
+    assert result.counts["softmax"] == {"float32": 4}

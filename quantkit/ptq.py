@@ -392,6 +392,10 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
     if reference is None:
         reference = run_outputs(loaded, loaded.model, heldout, batch_size, device, "fp32", "reference (fp32)")
     reference_model = copy.deepcopy(loaded.model) if per_layer else None
+    if reference_model is not None:
+        from quantkit import multihead
+
+        multihead.expose_projections(reference_model)  # the same layer names as the prepared model
     timings["reference_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -158,7 +158,10 @@ def test_fp16_rule_on_a_mha_casts_at_its_projections(tmp_path):
     (tmp_path / "r.yaml").write_text(HEAD_FP16)
     loaded = pooling_head()
     result = ptq.quantize(loaded, load_recipe(tmp_path / "r.yaml"), calib.synthetic_set(loaded, n=8, seed=0),
-                          batch_size=4, per_layer=False)
+                          batch_size=4, per_layer=True)
+    per_layer = {r["name"]: r["cosine"] for r in result.report["per_layer"]}
+    assert set(per_layer) >= {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"}
+    assert per_layer["attention.q_proj"] > 0.999  # FP16 weights, nothing quantized
     rows = {r.name: str(r.precision) for r in result.plan.layers}
     assert rows == {"embed": "fp8", "attention.out_proj": "fp16", "attention.q_proj": "fp16",
                     "attention.k_proj": "fp16", "attention.v_proj": "fp16", "mlp.0": "fp8", "mlp.2": "fp8"}

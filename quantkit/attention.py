@@ -3,7 +3,8 @@
 Attention is routed through quantkit's own code path, chosen by what the module's forward calls:
 transformers attention modules (the attention interface) run their family's `eager_attention_forward`
 with torch.matmul and softmax intercepted; modules calling F.scaled_dot_product_attention get explicit
-matmuls instead; modules with a two-matmul eager attention get their matmuls intercepted. The
+matmuls instead; modules with a two-matmul eager attention get their matmuls intercepted;
+torch.nn.MultiheadAttention runs quantkit.multihead's forward (projections exposed as Linears). The
 quantizers (`q/k/v/p_bmm_quantizer`, ModelOpt's names) are created by `mtq.quantize` itself.
 """
 
@@ -28,7 +29,7 @@ from quantkit.recipe import AttentionSpec, NamePattern, Precision
 IMPLEMENTATION = "quantkit"  # the name registered in transformers' AttentionInterface
 ROLES = ("q", "k", "v", "p")
 SOFTMAX_FLAG = "_quantkit_softmax_fp32"  # instance attribute: compute this attention's softmax in FP32
-_ROUTED_FLAG = "_quantkit_routed"  # class attribute of the classes quantkit swaps in: "sdpa" | "eager"
+_ROUTED_FLAG = "_quantkit_routed"  # class attribute of the classes quantkit swaps in: "sdpa" | "eager" | "mha"
 _ORIGINAL_ATTN = "_quantkit_original_attn"  # config attribute: implementation to fall back to
 
 # The originals, taken before anything patches them.

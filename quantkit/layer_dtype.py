@@ -76,14 +76,47 @@ def seal_islands(model: nn.Module, model_dtype: torch.dtype) -> list[tuple[str, 
     return sealed
 
 
-def apply_layer_dtypes(model: nn.Module, rows: list[Any], model_dtype: torch.dtype) -> list[str]:
-    """Apply each plain-dtype row of a plan (fp16/bf16/fp32 differing from the model's dtype)."""
-    modules = dict(model.named_modules())
-    changed = []
+def island_rows(rows: list[Any], model_dtype: torch.dtype) -> list[Any]:
+    """The plan rows that put a layer in a plain dtype other than the model's."""
+    out = []
     for row in rows:
         fmt = FORMATS[row.precision]
         if row.precision == Precision.SKIP or fmt.quantized or fmt.torch_dtype is None:
             continue
-        if set_layer_dtype(modules[row.name], getattr(torch, fmt.torch_dtype), model_dtype):
+        if getattr(torch, fmt.torch_dtype) != model_dtype:
+            out.append(row)
+    return out
+
+
+@torch.no_grad()
+def called_modules(model: nn.Module, example: dict[str, Any]) -> set[str]:
+    """Names of the modules one forward on `example` calls."""
+    called: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
+               for name, m in model.named_modules()]
+    try:
+        model(**example)
+    finally:
+        for h in handles:
+            h.remove()
+    return called
+
+
+def apply_layer_dtypes(model: nn.Module, rows: list[Any], model_dtype: torch.dtype,
+                       called: set[str] | None = None) -> list[str]:
+    """Apply each plain-dtype row of a plan (fp16/bf16/fp32 differing from the model's dtype).
+
+    With `called` (the modules a probe forward called), a layer the model never calls is left as it
+    is, its row set to skip with a note: its weights are read by another module (ACT's learned queries
+    `self.query.weight`), so no cast at its own boundaries could keep the new dtype from leaking."""
+    modules = dict(model.named_modules())
+    changed = []
+    for row in island_rows(rows, model_dtype):
+        if called is not None and row.name not in called:
+            row.note = (f"planned {row.precision} ({row.rule}), but the model reads its weights without calling "
+                        "it: left as the model has it (a cast would leak into the modules reading them)")
+            row.precision, row.weights, row.activations = Precision.SKIP, None, None
+            continue
+        if set_layer_dtype(modules[row.name], getattr(torch, FORMATS[row.precision].torch_dtype), model_dtype):
             changed.append(row.name)
     return changed

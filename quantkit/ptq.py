@@ -107,7 +107,7 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
             strict: bool = False) -> Plan:
     """Move the model to device/dtype, plan it, and apply FP32 guards, attention Q/DQ and layer dtypes."""
     from quantkit import attention, multihead, protect
-    from quantkit.layer_dtype import apply_layer_dtypes, seal_islands
+    from quantkit.layer_dtype import apply_layer_dtypes, called_modules, island_rows, seal_islands
     from quantkit.placement import rebind_hooked_forwards
 
     model = loaded.model
@@ -118,7 +118,14 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
     plan = make_plan(model, recipe, model_dtype=dtype, strict=strict, example=probe_inputs(loaded, device, dtype))
     protections = protect.protect_model(model, recipe.protect)
     conversions = attention.convert_attention(model, recipe.attention)
-    apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype))
+    called = None
+    if island_rows(plan.layers, _torch_dtype(dtype)) and loaded.example_inputs:
+        from quantkit.calib import Sample, to_device
+
+        example = to_device(Sample((), dict(loaded.example_inputs)), device, _torch_dtype(dtype)).kwargs
+        called = called_modules(model, example)
+    apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype), called)
+    plan.warnings += [f"{row.name}: {row.note}" for row in plan.layers if row.note and "without calling" in row.note]
     for name, island in seal_islands(model, _torch_dtype(dtype)):
         plan.warnings.append(f"{name or type(model).__name__}: its weights are {str(island).removeprefix('torch.')} "
                              f"in a {dtype} model (shared with a layer the plan casts); it casts at its boundaries")

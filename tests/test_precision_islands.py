@@ -62,6 +62,60 @@ def test_tied_fp16_head_casts_the_embedding_at_its_boundaries():
     assert result.report["metrics"]["fake-quant"]["logits"]["cosine"] > 0.99
 
 
+class LearnedQueries(nn.Module):
+    """ACT's decoder queries: an nn.Embedding whose weight the parent reads, never calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Embedding(8, 32)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        q = self.query.weight[None].expand(x.shape[0], -1, -1)
+        return self.head(torch.softmax(q @ self.proj(x).transpose(1, 2), dim=-1) @ x)
+
+
+def learned_queries():
+    from quantkit.models import LoadedModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LearnedQueries().eval()
+    return LoadedModel(spec=f"{__file__}:learned_queries", model=model, input_names=["x"], output_names=["output"],
+                       example_inputs={"x": torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))})
+
+
+EMBEDDINGS_FP16 = """
+name: embeddings-fp16
+default: skip
+rules:
+  - types: [Linear]
+    precision: fp8
+  - types: [Embedding]
+    precision: fp16
+attention: {precision: skip}
+"""
+
+
+def test_fp16_rule_on_a_weight_read_without_a_call_is_not_applied(tmp_path):
+    """At c5d9469 the FP16 embedding handed `self.query.weight` in FP16 to FP32 matmuls ("expected m1
+    and m2 to have the same dtype"); a layer the model never calls has no boundary to cast at."""
+    from quantkit import calib, ptq
+    from quantkit.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(EMBEDDINGS_FP16)
+    loaded = learned_queries()
+    result = ptq.quantize(loaded, load_recipe(tmp_path / "r.yaml"), calib.synthetic_set(loaded, n=8, seed=0),
+                          batch_size=4, per_layer=False)
+    row = result.plan.layer("query")
+    assert str(row.precision) == "skip" and "reads its weights without calling it" in row.note
+    assert loaded.model.query.weight.dtype == torch.float32
+    assert str(result.plan.layer("proj").precision) == "fp8"
+    assert any(w.startswith("query: planned fp16") for w in result.plan.warnings)
+    assert result.report["metrics"]["fake-quant"]["output"]["cosine"] > 0.99
+
+
 def pali_runner(model, row):
     """An image and a prompt -> PaliGemma's inputs, as a pi0 data pipeline makes them."""
     import numpy as np

@@ -193,7 +193,7 @@ def test_act_policy_fp8_quantizes_mha_and_exports(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     ptq.save_run(result, out, loaded.spec, "fp32")
-    export_run(out)
+    export_run(out, trust_model_code=True)
     report = audit(out / "model.onnx", json.loads((out / "plan.json").read_text()))
     assert report.violations == []
     att = report.counts["attention_matmuls"]

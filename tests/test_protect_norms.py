@@ -86,7 +86,7 @@ def test_fp16_conv_stack_keeps_norms_fp32_in_the_graph(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert {(p["name"], p["op"]) for p in plan["protected"]} == {
         ("norm1", "groupnorm"), ("post_bn", "batchnorm"), ("inorm", "groupnorm")}
-    export_run(out)
+    export_run(out, trust_model_code=True)
     report = audit(out / "model.onnx", plan)
     assert report.violations == [], report.violations
     norms = {(n["module"], n["kind"]): n["dtype"] for n in report.norms}

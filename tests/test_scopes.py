@@ -88,7 +88,7 @@ def test_wrapped_model_audits_clean(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     ptq.save_run(result, out, loaded.spec, "fp32")
-    export_run(out)
+    export_run(out, trust_model_code=True)
     plan = json.loads((out / "plan.json").read_text())
     fp8 = sorted(r["name"] for r in plan["layers"] if r["weights"] == "fp8")
     assert fp8 == sorted(["vae.decoder.blocks.0.0", "vae.decoder.blocks.0.2", "vae.decoder.blocks.1.0",

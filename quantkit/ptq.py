@@ -119,11 +119,9 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
     protections = protect.protect_model(model, recipe.protect)
     conversions = attention.convert_attention(model, recipe.attention)
     called = None
-    if island_rows(plan.layers, _torch_dtype(dtype)) and loaded.example_inputs:
-        from quantkit.calib import Sample, to_device
-
-        example = to_device(Sample((), dict(loaded.example_inputs)), device, _torch_dtype(dtype)).kwargs
-        called = called_modules(model, example)
+    if island_rows(plan.layers, _torch_dtype(dtype)):
+        example = probe_inputs(loaded, device, dtype)
+        called = called_modules(model, example) if example else None
     apply_layer_dtypes(model, plan.layers, _torch_dtype(dtype), called)
     plan.warnings += [f"{row.name}: {row.note}" for row in plan.layers if row.note and "without calling" in row.note]
     for name, island in seal_islands(model, _torch_dtype(dtype)):

@@ -316,7 +316,7 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
         return row
     report = json.loads(report_path.read_text())
     row["cosine"] = min(m["cosine"] for m in report["metrics"]["fake-quant"].values())
-    row["export"], row["export_message"] = _cli(["export", "--from", str(out_dir), "-q"])
+    row["export"], row["export_message"] = _cli(["export", "--from", str(out_dir), "--trust-model-code", "-q"])
     audit_path = out_dir / "audit.json"
     if audit_path.is_file():
         audit = json.loads(audit_path.read_text())

@@ -213,12 +213,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         except UnsupportedGraph as e:  # the graph is written and audited; only the cross-check cannot run
             console.warn(f"ONNX Runtime reference skipped: {e}. {out_dir}/model.onnx is written and audited; "
                          "a TensorRT build may still take it")
+    if not args.no_compile_check:  # TensorRT's (or TensorRT-RTX's) parser and builder, per target
+        from quantkit.verify.compile_check import check_export, print_compile_check
+
+        check = check_export(out_dir, target_names=args.target or None)
+        print_compile_check(check)
+        status = status or (0 if check else 1)
     return status
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a quantize output folder to ONNX (model.onnx, export.json), audit it "
-                       "and compare ONNX Runtime with the PyTorch model")
+    from quantkit.runtime.tensorrt.targets import TARGET_SYNTAX
+
+    p = sub.add_parser("export", help="export a quantize output folder to ONNX (model.onnx, export.json), audit it, "
+                       "compare ONNX Runtime with the PyTorch model and compile it with TensorRT(-RTX)")
     p.add_argument("--from", dest="out_dir", required=True, metavar="OUT",
                    help="a `quantize --out` folder; model.onnx, export.json and audit.json are written into it")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the recipe's, else the lowest "
@@ -234,6 +242,10 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
                    help="skip the ONNX Runtime reference run (outputs vs fake-quant and FP32 into report.json)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="held-out samples for the ONNX Runtime reference run (>= 1; default: all of them)")
+    p.add_argument("--target", action="append", default=[], metavar="TARGET",
+                   help="compile check for " + TARGET_SYNTAX + " (repeatable; default: the recipe's targets)")
+    p.add_argument("--no-compile-check", action="store_true",
+                   help="skip the TensorRT / TensorRT-RTX parse and build of the exported graph")
     add_trust_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_export)
@@ -279,28 +291,48 @@ def cmd_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quantkit.recipe import load_recipe
-    from quantkit.runtime.tensorrt import ShapeProfile, build_from_output_dir, parse_shape_specs
+    from quantkit.runtime.tensorrt import ShapeProfile, build_from_output_dir, parse_profile_specs, profile_sets
+    from quantkit.runtime.tensorrt.targets import targets_for
 
-    shapes = {s.name: s for s in parse_shape_specs(args.shape)}
     recipe_file = Path(args.out_dir) / "recipe.yaml"
-    if recipe_file.is_file():  # the recipe's build profiles, unless --shape names the same input
-        for name, r in load_recipe(recipe_file).build.profiles.items():
-            shapes.setdefault(name, ShapeProfile(name, tuple(r.min), tuple(r.opt), tuple(r.max)))
-    r = build_from_output_dir(args.out_dir, list(shapes.values()) or None, workspace_gib=args.workspace_gib,
-                              opt_level=args.opt_level, cuda_graph_friendly=args.cuda_graph)
-    console.info(f"engine {r.engine_path} ({r.metadata.gpu_name}, TensorRT {r.metadata.tensorrt_version}, "
-                 f"{r.build_time_s:.1f} s); script {r.script_path}")
+    recipe = load_recipe(recipe_file) if recipe_file.is_file() else None
+    # The recipe's build profiles, input by input, unless --shape names the same input.
+    per_input: dict[str, list[ShapeProfile]] = {}
+    for profile in recipe.build.profile_list() if recipe else []:
+        for name, r in profile.items():
+            per_input.setdefault(name, []).append(ShapeProfile(name, tuple(r.min), tuple(r.opt), tuple(r.max)))
+    given: dict[str, list[ShapeProfile]] = {}
+    for shapes in parse_profile_specs(args.shape):
+        for p in shapes:
+            given.setdefault(p.name, []).append(p)
+    per_input.update(given)
+    targets = targets_for(args.target or (recipe.targets if recipe else []))
+    r = build_from_output_dir(args.out_dir, profile_sets(per_input) or None, workspace_gib=args.workspace_gib,
+                              opt_level=args.opt_level, cuda_graph_friendly=args.cuda_graph, targets=targets,
+                              recipe_name=recipe.name if recipe else None,
+                              recipe_sha256=recipe.sha256() if recipe else None)
+    m = r.metadata
+    where = (f"compiled by TensorRT-RTX {m.tensorrt_version} for {', '.join(t.sm for t in m.targets)}"
+             if m.backend == "tensorrt-rtx" else f"{m.gpu_name}, TensorRT {m.tensorrt_version}")
+    console.info(f"engine {r.engine_path} ({where}, {m.engine_bytes / 2**20:.1f} MiB, {len(m.profiles) or 1} "
+                 f"profile(s), {r.build_time_s:.1f} s); script {r.script_path}")
+    if m.note:
+        console.warn(m.note)
     return 0
 
 
 def _register_build(sub: argparse._SubParsersAction) -> None:
-    from quantkit.runtime.tensorrt import DEFAULT_WORKSPACE_GIB, SHAPE_SYNTAX
+    from quantkit.runtime.tensorrt import DEFAULT_WORKSPACE_GIB, PROFILES_SYNTAX
+    from quantkit.runtime.tensorrt.targets import TARGET_SYNTAX
 
-    p = sub.add_parser("build", help="build a strongly-typed TensorRT engine from an export folder; "
-                                     "always writes build_engine.sh")
+    p = sub.add_parser("build", help="build a strongly-typed TensorRT engine from an export folder (TensorRT where it "
+                                     "imports, else a TensorRT-RTX ahead-of-time compile); always writes build_engine.sh")
     p.add_argument("--from", dest="out_dir", required=True, metavar="OUT_DIR")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
-                   help="build shapes of one input: " + SHAPE_SYNTAX + " (repeat per input)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:MIN,OPT,MAX[;...]",
+                   help="build shapes of one input: " + PROFILES_SYNTAX + " (repeat per input)")
+    p.add_argument("--target", action="append", default=[], metavar="TARGET",
+                   help="TensorRT-RTX: what to compile for, " + TARGET_SYNTAX + " (repeatable; default: the recipe's "
+                        "targets). Datacenter TensorRT builds for the GPU it runs on")
     p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB)
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimization level")
     p.add_argument("--cuda-graph", action="store_true", help="check that the graph allows CUDA-graph replay")

@@ -362,10 +362,42 @@ class ExportSpec(_Strict):
 
 
 class BuildSpec(_Strict):
-    profiles: dict[str, ShapeRange] = Field(default_factory=dict)
+    # One optimization profile ({input: shapes}) or a list of them, all built into one engine.
+    profiles: dict[str, ShapeRange] | list[dict[str, ShapeRange]] = Field(default_factory=dict)
     workspace_gib: float = Field(4.0, gt=0)
     optimization_level: int = Field(3, ge=0, le=5)
     cuda_graph: bool = False
+
+    @model_validator(mode="after")
+    def _same_inputs(self) -> "BuildSpec":
+        if isinstance(self.profiles, list):
+            if not self.profiles:
+                raise ValueError("profiles: an empty list; give one {input: {min, opt, max}} per profile")
+            names = [sorted(p) for p in self.profiles]
+            for i, n in enumerate(names):
+                if n != names[0]:
+                    raise ValueError(f"profiles[{i}] names inputs {n}, profiles[0] names {names[0]}: "
+                                     f"every profile gives shapes for the same inputs")
+        return self
+
+    def profile_list(self) -> list[dict[str, ShapeRange]]:
+        """The build profiles as a list (one dict of input shapes per optimization profile)."""
+        if isinstance(self.profiles, list):
+            return list(self.profiles)
+        return [self.profiles] if self.profiles else []
+
+    def envelope(self) -> dict[str, ShapeRange]:
+        """Per input, the smallest range that holds every profile (the dims the graph must leave dynamic)."""
+        out: dict[str, ShapeRange] = {}
+        for profile in self.profile_list():
+            for name, r in profile.items():
+                if name not in out:
+                    out[name] = r
+                else:
+                    o = out[name]
+                    out[name] = ShapeRange(min=[min(a, b) for a, b in zip(o.min, r.min)], opt=o.opt,
+                                           max=[max(a, b) for a, b in zip(o.max, r.max)])
+        return out
 
 
 class Recipe(_Strict):

@@ -64,8 +64,9 @@ def _write_out_dir(tmp_path: Path, model: onnx.ModelProto, export: dict | None =
 
 @pytest.fixture
 def no_tensorrt(monkeypatch):
-    # A None entry makes `import tensorrt` raise ImportError, whatever is installed.
+    # Neither TensorRT nor TensorRT-RTX: a None entry makes the import raise ImportError, whatever is installed.
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
 
 
 def _trtexec_argv(script: Path) -> list[str]:
@@ -250,8 +251,9 @@ def test_metadata_round_trip(tmp_path):
     meta = _meta()
     path = meta.save(tmp_path / "engine.json")
     data = json.loads(path.read_text())
-    assert data["profiles"] == [{"name": "x", "min": [1, 4], "opt": [4, 4], "max": [8, 4]}]
-    assert data["gpu_name"] == "NVIDIA H100 80GB HBM3" and data["schema"] == 1
+    assert data["profiles"] == [[{"name": "x", "min": [1, 4], "opt": [4, 4], "max": [8, 4]}]]  # one profile
+    assert data["gpu_name"] == "NVIDIA H100 80GB HBM3" and data["schema"] == 2
+    assert data["backend"] == "tensorrt" and data["target_compute_capabilities"] == ["9.0"]
     assert EngineMetadata.load(path) == meta
 
 
@@ -535,7 +537,7 @@ def test_build_engine_flow_with_stand_in(tmp_path, fake_trt):
     assert meta == result.metadata
     assert (meta.gpu_name, meta.compute_capability, meta.tensorrt_version) == ("NVIDIA H100 80GB HBM3", "9.0", "10.3.0.26")
     assert meta.engine_bytes == 12 and meta.recipe_name == "fp8" and len(meta.recipe_sha256) == 64
-    assert meta.min_tensorrt_version == "10.2" and meta.profiles == [ShapeProfile("x", (1, 4), (4, 4), (8, 4))]
+    assert meta.min_tensorrt_version == "10.2" and meta.profiles == [[ShapeProfile("x", (1, 4), (4, 4), (8, 4))]]
     assert meta.builder["builder_optimization_level"] == 5 and meta.builder["strongly_typed"] is True
 
 
@@ -557,3 +559,56 @@ def test_parser_errors_name_the_node(tmp_path, fake_trt):
         qtrt.build_from_output_dir(out, None)
     assert "TensorRT's ONNX parser refused the graph: node /0/Gemm (Gemm): unsupported data type" in str(info.value)
     assert not (out / "model.engine").exists() and not (out / "engine.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# several optimization profiles
+
+
+def test_profile_specs_make_one_profile_per_entry():
+    from quantkit.runtime.tensorrt import parse_profile_specs
+
+    sets = parse_profile_specs(["x:1x4,2x4,4x4;8x4,16x4,32x4;64x4", "mask:1x4,4x4,64x4"])
+    assert [[p.name for p in s] for s in sets] == [["x", "mask"]] * 3
+    assert [s[0].max for s in sets] == [(4, 4), (32, 4), (64, 4)] and sets[2][0].is_static
+    assert all(s[1] == ShapeProfile("mask", (1, 4), (4, 4), (64, 4)) for s in sets)  # one entry: in every profile
+    with pytest.raises(InputError, match=r"x has 3, y has 2; the most is 3"):
+        parse_profile_specs(["x:1x4;2x4;3x4", "y:1x4;2x4"])
+    with pytest.raises(InputError, match=r"input 'x' is given more than once \(several profiles go in one --shape"):
+        parse_profile_specs(["x:1x4", "x:2x4"])
+
+
+def test_schema_1_engine_json_reads_as_one_profile(tmp_path):
+    data = _meta().to_dict()
+    data["schema"], data["profiles"] = 1, [{"name": "x", "min": [1, 4], "opt": [4, 4], "max": [8, 4]}]
+    for key in ("backend", "targets", "note", "target_compute_capabilities"):
+        data.pop(key)
+    (tmp_path / "engine.json").write_text(json.dumps(data))
+    meta = EngineMetadata.load(tmp_path / "engine.json")
+    assert meta.profiles == [[ShapeProfile("x", (1, 4), (4, 4), (8, 4))]] and meta.backend == "tensorrt"
+
+
+def test_build_script_has_one_shape_triple_per_profile(tmp_path):
+    from quantkit.runtime.tensorrt import parse_profile_specs, write_build_script
+
+    script = write_build_script(tmp_path, "model.onnx", "model.engine", parse_profile_specs(["x:1x4,2x4,4x4;8x4,16x4,32x4"]))
+    argv = _trtexec_argv(script)
+    assert [a for a in argv if a.startswith("--minShapes")] == ["--minShapes=x:1x4", "--minShapes=x:8x4"]
+    assert [a for a in argv if a.startswith("--maxShapes")] == ["--maxShapes=x:4x4", "--maxShapes=x:32x4"]
+    assert "2 optimization profiles in one engine" in script.read_text()
+
+
+def test_recipe_build_profiles_may_be_a_list(tmp_path):
+    from quantkit.errors import RecipeError
+    from quantkit.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nbuild:\n  profiles:\n    - {x: {min: [1, 4], opt: [1, 4], max: [1, 4]}}\n"
+                    "    - {x: {min: [2, 4], opt: [8, 4], max: [16, 4]}}\n")
+    build = load_recipe(path).build
+    assert [p["x"].max for p in build.profile_list()] == [[1, 4], [16, 4]]
+    assert build.envelope()["x"].min == [1, 4] and build.envelope()["x"].max == [16, 4]
+    path.write_text("name: r\nbuild:\n  profiles:\n    - {x: {min: [1], opt: [1], max: [1]}}\n"
+                    "    - {y: {min: [1], opt: [1], max: [1]}}\n")
+    with pytest.raises(RecipeError, match=r"profiles\[1\] names inputs \['y'\], profiles\[0\] names \['x'\]"):
+        load_recipe(path)

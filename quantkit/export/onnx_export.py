@@ -513,7 +513,7 @@ def _export_into(out_dir: Path, dynamic_axes, opset, *, device: str, weights_dty
         raise InputError(f"--opset {opset}: the recipe's formats need opset >= {need}")
     axes = dynamic_axes or ({k: dict(v) for k, v in spec.dynamic_axes.items()} if spec.dynamic_axes else None)
     if axes is None:
-        axes = default_dynamic_axes(loaded.input_names, loaded.output_names, example, recipe.build.profiles,
+        axes = default_dynamic_axes(loaded.input_names, loaded.output_names, example, recipe.build.envelope(),
                                     sequence_model=loaded.tokenizer is not None)
     unknown = [n for n in axes if n not in loaded.input_names and n not in loaded.output_names]
     if unknown:

@@ -225,6 +225,40 @@ def _key_values(pairs: list[tuple[str, Any]], columns: tuple[str, str] = ("field
     return Table(list(columns), [[k, _text(v)] for k, v in pairs])
 
 
+def _compile_check_section(check: Any) -> Section | None:
+    """report.json's compile_check (quantkit.verify.compile_check): one row per target."""
+    if not isinstance(check, Mapping):
+        return None
+    verdict = check.get("verdict")
+    blocks: list[Block] = [Banner({"passed": True, "failed": False}.get(str(verdict)), [str(f) for f in check.get("failures") or []])]
+    label = "TensorRT-RTX" if check.get("backend") == "tensorrt-rtx" else "TensorRT"
+    if check.get("skipped"):
+        blocks.append(Paragraph(f"Not compiled: {check['skipped']}", "muted"))
+        return Section("TensorRT compile check", blocks, "compile")
+    how = "ahead of time, for each target," if check.get("backend") == "tensorrt-rtx" else "for this GPU"
+    blocks.append(Paragraph(f"{label} {_text(check.get('version'))} parsed {_text(check.get('graph'))} into a strongly "
+                            f"typed network and built it {how} with {len(check.get('profiles') or [])} optimization "
+                            "profile(s); the engines were measured, not kept, and none was run."))
+    rows = []
+    for r in check.get("targets") or []:
+        if not isinstance(r, Mapping):
+            continue
+        where = ", ".join(str(t.get("sm")) for t in r.get("targets") or []) or "this GPU"
+        by_dtype = ", ".join(f"{k} {v}" for k, v in (r.get("layers_by_dtype") or {}).items())
+        rows.append([where, _text(r.get("parsed")), _text(r.get("built")), fmt_bytes(r.get("engine_bytes")),
+                     _fmt(r.get("build_seconds"), ".1f"), fmt_int(len(r.get("warnings") or [])),
+                     f"{fmt_int(r.get('layers'))} ({by_dtype})" if r.get("parsed") else "-"])
+    if rows:
+        blocks.append(Table(["target", "parsed", "built", "engine", "seconds", "warnings", "layers by output dtype"],
+                            rows, numeric={3, 4, 5}))
+    notes = [str(t.get("note")) for r in check.get("targets") or [] if isinstance(r, Mapping)
+             for t in r.get("targets") or [] if t.get("stand_in")]
+    warns = notes + [str(w) for w in check.get("warnings") or []]
+    if warns:
+        blocks.append(BulletList(warns, "warn"))
+    return Section("TensorRT compile check", blocks, "compile")
+
+
 def report_sections(report: Mapping[str, Any]) -> list[Section]:
     """The report laid out once; render_markdown, render_html and the notebook all show these."""
     recipe, model = report.get("recipe") or {}, report.get("model") or {}
@@ -306,6 +340,10 @@ def report_sections(report: Mapping[str, Any]) -> list[Section]:
     else:
         cal_blocks = [Paragraph(f"Calibration: {NOT_MEASURED}.", "muted")]
     sections.append(Section("Calibration", cal_blocks, "calibration"))
+
+    compile_section = _compile_check_section(report.get("compile_check"))
+    if compile_section is not None:
+        sections.append(compile_section)
 
     timings = report.get("timings") or {}
     versions = report.get("versions") or {}

@@ -7,6 +7,7 @@ naming that script, where TensorRT cannot be used here.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -34,7 +35,14 @@ from quantkit.runtime.tensorrt.files import (
     external_data_files,
     sha256_of_file,
 )
-from quantkit.runtime.tensorrt.profiles import ShapeProfile, check_profiles_against_inputs, graph_input_shapes
+from quantkit.runtime.tensorrt.network import CompileResult, compile_network
+from quantkit.runtime.tensorrt.profiles import (
+    ShapeProfile,
+    as_profile_sets,
+    check_profiles_against_inputs,
+    graph_input_shapes,
+)
+from quantkit.runtime.tensorrt.targets import TARGET_SYNTAX, CompileTarget
 from quantkit.runtime.tensorrt.script import write_build_script
 from quantkit.trt_requirements import Version, format_version, min_tensorrt_version, parse_version, version_at_least
 
@@ -47,21 +55,31 @@ _DATA_DEPENDENT_OPS = {"NonZero", "NonMaxSuppression", "Unique", "Compress"}
 
 @dataclass(frozen=True)
 class BuildResult:
+    """An engine written to disk: its paths, engine.json's content, and what the compile said."""
+
     engine_path: Path
     metadata_path: Path
     metadata: EngineMetadata
-    timing_cache_path: Path
+    timing_cache_path: Path | None
     script_path: Path | None = None
+    compile: CompileResult | None = None
 
     @property
     def build_time_s(self) -> float:
         return self.metadata.build_time_s
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": str(self.engine_path), "engine_json": str(self.metadata_path),
+            "script": str(self.script_path) if self.script_path else None,
+            "metadata": self.metadata.to_dict(), "compile": self.compile.to_dict() if self.compile else None,
+        }
+
 
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
-    profiles: Sequence[ShapeProfile],
+    profiles: Sequence[ShapeProfile] | Sequence[Sequence[ShapeProfile]],
     *,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
     opt_level: int = 3,
@@ -70,73 +88,75 @@ def build_engine(
     recipe_name: str | None,
     recipe_sha256: str | None,
     min_version: Version | None = None,
+    backend_name: str | None = None,
+    targets: Sequence[CompileTarget] = (),
 ) -> BuildResult:
     """Build a strongly-typed engine from an ONNX file and write it, and engine.json, atomically.
 
-    Parses from the file path so model.onnx.data is found. One optimization profile holds every
-    input in `profiles`; every input with a dynamic dimension must be in it. The timing cache
-    (default: timing.cache beside the engine) is loaded when present and saved after the build.
-    Refuses before building when the installed TensorRT is older than the graph needs.
+    Datacenter TensorRT (where `tensorrt` imports) builds for the GPU here; else TensorRT-RTX
+    compiles ahead of time for `targets` (no GPU needed; one engine for all of them). `profiles` is one list of input shapes,
+    or one list per optimization profile (all in one engine); every input with a dynamic
+    dimension must be in each. The timing cache (default: timing.cache beside the engine, TensorRT
+    only) is loaded when present and saved after the build. Refuses before building when the
+    installed TensorRT is older than the graph needs. A graph the parser or builder refuses raises
+    ExportError / QuantkitError naming node or layer.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     check_settings(workspace_gib, opt_level)
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: not found")
+    sets = as_profile_sets(profiles)
     timing_cache = Path(timing_cache) if timing_cache else engine_path.parent / TIMING_CACHE_NAME
     needed, reasons = min_tensorrt_version(onnx_path)
     if min_version and tuple(min_version) > needed:
         needed = tuple(min_version)
 
-    trt = backend.import_tensorrt()
-    installed = trt.__version__
-    if not version_at_least(parse_version(installed), needed):
-        raise TensorRTUnavailable(
-            f"{onnx_path.name} needs TensorRT >= {format_version(needed)} ({'; '.join(reasons[1:]) or reasons[0]}); "
-            f"this machine has TensorRT {installed}. No engine was built"
-        )
-    gpu_name, capability = backend.gpu_identity()
+    be = backend.load_backend(backend_name)
+    if be.ahead_of_time:
+        targets = list(targets)
+        if not targets:
+            raise InputError(f"{onnx_path.name}: TensorRT-RTX compiles for named targets and none was given: "
+                             f"give --target {TARGET_SYNTAX} (or set the recipe's targets)")
+        gpu_name, capability = "", targets[0].compute_capability
+    else:
+        # TensorRT-RTX versions (1.x) are not on datacenter TensorRT's scale: the floor is TensorRT's.
+        if not version_at_least(parse_version(be.version), needed):
+            raise TensorRTUnavailable(
+                f"{onnx_path.name} needs TensorRT >= {format_version(needed)} ({'; '.join(reasons[1:]) or reasons[0]}); "
+                f"this machine has TensorRT {be.version}. No engine was built"
+            )
+        gpu_name, capability = backend.gpu_identity()
+        targets = []
     if cuda_graph_friendly:
         _warn_data_dependent_ops(onnx_path)
 
-    logger = backend.make_logger(trt)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = backend.parser_errors(parser) or logger.errors or ["no detail given"]
-        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: " + " | ".join(errors))
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    config.builder_optimization_level = opt_level
-    _add_profile(builder, config, network, profiles, onnx_path)
-    cache = _attach_timing_cache(config, timing_cache)
-
-    log.info("building TensorRT engine from %s (TensorRT %s, %s); this can take minutes",
-             onnx_path.name, installed, gpu_name)
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    build_time = time.perf_counter() - start
-    if serialized is None:
-        detail = " | ".join(logger.errors[-5:]) or "see the TensorRT log above"
-        raise QuantkitError(f"TensorRT could not build an engine from {onnx_path}: {detail}")
+    result = compile_network(onnx_path, sets, be, targets=targets, workspace_gib=workspace_gib, opt_level=opt_level,
+                             timing_cache=lambda config: _attach_timing_cache(config, timing_cache))
+    if not result.parsed:
+        raise ExportError(f"{onnx_path}: {'TensorRT-RTX' if be.ahead_of_time else 'TensorRT'}'s ONNX parser "
+                          f"refused the graph: " + " | ".join(result.parser_errors))
+    if not result.built:
+        raise QuantkitError(f"{be.label} could not build an engine from {onnx_path}"
+                            + (f" for {', '.join(t.sm for t in targets)}" if targets else "") + f": {result.build_error}")
 
     metadata_path = engine_path.parent / METADATA_NAME
     # An engine.json left from an earlier engine must never describe this one.
     metadata_path.unlink(missing_ok=True)
-    engine_bytes = memoryview(serialized)
-    atomic_write_bytes(engine_path, engine_bytes)
-    atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
+    atomic_write_bytes(engine_path, result.engine)
+    cache_path = None
+    if result.timing_cache is not None:
+        atomic_write_bytes(timing_cache, memoryview(result.timing_cache.serialize()))
+        cache_path = timing_cache
 
     from quantkit import __version__ as quantkit_version
 
     meta = EngineMetadata(
         engine_file=engine_path.name,
-        engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
-        engine_bytes=engine_bytes.nbytes,
+        engine_sha256=hashlib.sha256(result.engine).hexdigest(),
+        engine_bytes=result.engine_bytes,
         gpu_name=gpu_name,
         compute_capability=capability,
-        tensorrt_version=installed,
+        tensorrt_version=be.version,
         onnx_file=onnx_path.name,
         onnx_sha256=sha256_of_file(onnx_path),
         onnx_external_data_sha256={
@@ -144,37 +164,26 @@ def build_engine(
         },
         recipe_name=recipe_name,
         recipe_sha256=recipe_sha256,
-        profiles=list(profiles),
+        profiles=sets,
         builder={
             "strongly_typed": True,
             "builder_optimization_level": opt_level,
             "workspace_gib": workspace_gib,
-            "timing_cache": timing_cache.name,
+            "timing_cache": cache_path.name if cache_path else None,
             "cuda_graph_friendly": cuda_graph_friendly,
         },
-        build_time_s=round(build_time, 3),
+        build_time_s=round(result.build_seconds, 3),
         built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         quantkit_version=quantkit_version,
         min_tensorrt_version=format_version(needed),
         min_tensorrt_reasons=list(reasons),
+        backend=be.name,
+        targets=targets,
+        note=" ".join(t.note for t in targets if t.stand_in),
     )
     meta.save(metadata_path)
-    log.info("built %s in %.1f s", engine_path, build_time)
-    return BuildResult(engine_path, metadata_path, meta, timing_cache)
-
-
-def _add_profile(builder, config, network, profiles: Sequence[ShapeProfile], onnx_path: Path) -> None:
-    by_name = {p.name: p for p in profiles}
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    graph_shapes = {t.name: tuple(int(d) for d in t.shape) for t in inputs}
-    check_profiles_against_inputs(graph_shapes, by_name, onnx_path.name)
-    if not by_name:
-        return
-    profile = builder.create_optimization_profile()
-    for name, p in by_name.items():
-        profile.set_shape(name, p.min, p.opt, p.max)
-    if config.add_optimization_profile(profile) < 0:
-        raise InputError(f"{onnx_path.name}: TensorRT refused the optimization profile {[p.to_dict() for p in profiles]}")
+    log.info("built %s in %.1f s", engine_path, result.build_seconds)
+    return BuildResult(engine_path, metadata_path, meta, cache_path, compile=result)
 
 
 def _attach_timing_cache(config, path: Path):
@@ -236,17 +245,24 @@ def _read_export_json(out_dir: Path) -> dict[str, Any]:
 
 def build_from_output_dir(
     out_dir: str | os.PathLike,
-    shapes: Sequence[ShapeProfile] | None = None,
+    shapes: Sequence[ShapeProfile] | Sequence[Sequence[ShapeProfile]] | None = None,
     *,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
     opt_level: int = 3,
     cuda_graph_friendly: bool = False,
+    targets: Sequence[CompileTarget] = (),
+    recipe_name: str | None = None,
+    recipe_sha256: str | None = None,
+    backend_name: str | None = None,
 ) -> BuildResult:
     """Build OUT/model.engine from OUT/model.onnx; always write OUT/build_engine.sh first.
 
     Inputs and their dynamic dimensions are read from the ONNX graph (the contract); `shapes` gives
-    the build profiles (from --shape or the recipe). Where TensorRT cannot be used here, raises
-    TensorRTUnavailable naming the script to run on the target; no engine is written then.
+    the build profiles (from --shape or the recipe): one list of input shapes, or one per
+    optimization profile. Datacenter TensorRT builds for this GPU; without it TensorRT-RTX
+    compiles for `targets`. Where neither can be used here, raises TensorRTUnavailable naming the
+    script to run on the target; no engine is written then. The recipe's name and hash default to
+    OUT/recipe.yaml's (its bytes are `Recipe.to_yaml()`, so the hash is `Recipe.sha256()`).
     """
     import onnx
 
@@ -267,25 +283,25 @@ def build_from_output_dir(
             needed = stated
             reasons.append(f"{EXPORT_JSON} says TensorRT >= {format_version(stated)}")
 
-    profiles = list(shapes or [])
-    names = [p.name for p in profiles]
-    if len(set(names)) != len(names):
-        raise InputError(f"--shape: an input is given more than once ({', '.join(names)})")
-    check_profiles_against_inputs(graph_input_shapes(model), {p.name: p for p in profiles}, str(onnx_path))
-    recipe_name, recipe_sha = _recipe_identity(out_dir, export_info)
+    sets = as_profile_sets(shapes)
+    for profile in sets or [[]]:
+        check_profiles_against_inputs(graph_input_shapes(model), {p.name: p for p in profile}, str(onnx_path))
+    file_name, file_sha = _recipe_identity(out_dir, export_info)
+    recipe_name, recipe_sha256 = recipe_name or file_name, recipe_sha256 or file_sha
 
     script = write_build_script(
-        out_dir, ONNX_NAME, ENGINE_NAME, profiles, workspace_gib=workspace_gib, opt_level=opt_level,
+        out_dir, ONNX_NAME, ENGINE_NAME, sets, workspace_gib=workspace_gib, opt_level=opt_level,
         min_version=needed, reasons=reasons,
     )
     how = (f"{script} holds the equivalent trtexec command: copy the folder {out_dir} to the target "
            f"(TensorRT >= {format_version(needed)}) and run `bash {SCRIPT_NAME}` there")
     try:
         result = build_engine(
-            onnx_path, out_dir / ENGINE_NAME, profiles, workspace_gib=workspace_gib, opt_level=opt_level,
+            onnx_path, out_dir / ENGINE_NAME, sets, workspace_gib=workspace_gib, opt_level=opt_level,
             timing_cache=out_dir / TIMING_CACHE_NAME, cuda_graph_friendly=cuda_graph_friendly,
-            recipe_name=recipe_name, recipe_sha256=recipe_sha, min_version=needed,
+            recipe_name=recipe_name, recipe_sha256=recipe_sha256, min_version=needed,
+            backend_name=backend_name, targets=targets,
         )
     except TensorRTUnavailable as e:
         raise TensorRTUnavailable(f"{e}. No engine was built; {how}") from e
-    return BuildResult(result.engine_path, result.metadata_path, result.metadata, result.timing_cache_path, script)
+    return dataclasses.replace(result, script_path=script)

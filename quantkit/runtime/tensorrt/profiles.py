@@ -1,5 +1,6 @@
-"""Build shapes: one input's min/opt/max (`ShapeProfile`), the `--shape` syntax, and the check that
-profiles fit the graph's inputs (every dynamic input has one, fixed dimensions match).
+"""Build shapes: one input's min/opt/max (`ShapeProfile`), the `--shape` syntax, optimization profiles
+(one list of input shapes each; an engine may hold several), and the check that profiles fit the
+graph's inputs (every dynamic input has one, fixed dimensions match).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def dims_text(dims: Sequence[int]) -> str:
 
 
 SHAPE_SYNTAX = "NAME:DIMS (min = opt = max) or NAME:MIN,OPT,MAX with DIMS like 4x128, e.g. input_ids:1x128,4x128,8x128"
+PROFILES_SYNTAX = (SHAPE_SYNTAX + "; several optimization profiles in one engine: NAME:MIN,OPT,MAX;MIN,OPT,MAX;... "
+                   "(one ';'-separated entry per profile; an input with one entry has it in every profile)")
+
+# One optimization profile: the build shapes of every input it names.
+ProfileSet = list[ShapeProfile]
 
 
 def parse_shape_spec(text: str) -> ShapeProfile:
@@ -160,3 +166,62 @@ def graph_input_shapes(model) -> dict[str, tuple[int, ...]]:
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in dims)
     return shapes
+
+
+def parse_profile_specs(texts: Iterable[str]) -> list[ProfileSet]:
+    """--shape values -> one list of input shapes per optimization profile.
+
+    'x:1x16,1x64,1x128;8x16,8x64,8x128' gives x two profiles; every input with more than one entry
+    must have as many as the others, and an input with one entry has it in every profile.
+    """
+    per_input: dict[str, list[ShapeProfile]] = {}
+    for text in texts:
+        name, sep, shapes = text.strip().rpartition(":")
+        if not sep or not name:
+            raise InputError(f"--shape {text!r}: expected {PROFILES_SYNTAX}")
+        if name in per_input:
+            raise InputError(f"--shape: input {name!r} is given more than once (several profiles go in one "
+                             f"--shape, separated by ';')")
+        per_input[name] = [parse_shape_spec(f"{name}:{part}") for part in shapes.split(";")]
+    return profile_sets(per_input)
+
+
+def profile_sets(per_input: Mapping[str, Sequence[ShapeProfile]]) -> list[ProfileSet]:
+    """{input: [its shapes in profile 0, 1, ...]} -> [[profile 0's shapes], [profile 1's], ...]."""
+    counts = {name: len(shapes) for name, shapes in per_input.items()}
+    n = max(counts.values(), default=0)
+    uneven = {name: c for name, c in counts.items() if c not in (1, n)}
+    if uneven:
+        raise InputError(
+            "build profiles: every input needs one set of shapes, or as many as the others ("
+            + ", ".join(f"{name} has {c}" for name, c in counts.items()) + f"; the most is {n})"
+        )
+    return [[shapes[i if len(shapes) > 1 else 0] for shapes in per_input.values()] for i in range(n)]
+
+
+def as_profile_sets(profiles: Sequence[ShapeProfile] | Sequence[Sequence[ShapeProfile]] | None) -> list[ProfileSet]:
+    """A flat list of input shapes is one profile; a list of lists is one profile each."""
+    profiles = list(profiles or [])
+    if not profiles:
+        return []
+    if all(isinstance(p, ShapeProfile) for p in profiles):
+        sets = [profiles]
+    else:
+        sets = [list(s) for s in profiles]
+    for i, shapes in enumerate(sets):
+        names = [p.name for p in shapes]
+        if len(set(names)) != len(names):
+            raise InputError(f"build profile {i}: an input is given more than once ({', '.join(names)})")
+    return sets
+
+
+def profile_fits(shapes: Sequence[ShapeProfile], inputs: Mapping[str, Sequence[int]]) -> bool:
+    """Whether every input shape lies within this profile's min..max."""
+    by_name = {p.name: p for p in shapes}
+    for name, shape in inputs.items():
+        p = by_name.get(name)
+        if p is None:
+            continue
+        if len(shape) != len(p.min) or not all(lo <= d <= hi for lo, d, hi in zip(p.min, shape, p.max)):
+            return False
+    return True

@@ -1,9 +1,11 @@
-"""TensorRTRunner: runs a built engine with the Runner interface, after the engine.json guard;
-`load_runner_or_fallback` gives another runner, with a visible warning, where the engine cannot run.
+"""TensorRTRunner: runs a TensorRT or TensorRT-RTX engine with the Runner interface, after the
+engine.json guard, choosing the optimization profile that fits each input; `load_runner_or_fallback`
+gives another runner, with a visible warning, where the engine cannot run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -35,11 +37,22 @@ def _torch_dtype(trt, trt_dtype):
     raise InputError(f"engine tensor type {trt_dtype} has no torch equivalent this runner can feed")
 
 
+def _recorded_backend(metadata_path: Path) -> str | None:
+    """engine.json's backend (TensorRT when it names none); None without a readable engine.json."""
+    try:
+        data = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = data.get("backend", backend.TENSORRT) if isinstance(data, dict) else None
+    return name if name in (backend.TENSORRT, backend.TENSORRT_RTX) else None
+
+
 class TensorRTRunner:
     """Runs a TensorRT engine with the Runner interface: named CPU/GPU tensors in, CPU tensors out.
 
-    Uses the TensorRT 10 tensor API (set_input_shape, set_tensor_address, execute_async_v3) on a
-    torch CUDA stream. Device buffers are kept between calls and only grow. With use_cuda_graph,
+    Uses the TensorRT 10 tensor API (set_input_shape, set_tensor_address, execute_async_v3), which
+    TensorRT-RTX shares, on a torch CUDA stream; engine.json's `backend` says which library loads
+    the engine. Each batch runs in the first optimization profile its input shapes fit. Device buffers are kept between calls and only grow. With use_cuda_graph,
     the enqueue is captured once per input-shape set and replayed; a capture TensorRT cannot do
     falls back to plain enqueues with a warning.
     """
@@ -53,9 +66,12 @@ class TensorRTRunner:
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise InputError(f"{self.engine_path}: engine not found; build it with `quantkit build --from DIR`")
-        trt = backend.import_tensorrt()
-        gpu_name, capability = backend.gpu_identity()
         metadata_path = Path(metadata_path) if metadata_path else self.engine_path.parent / METADATA_NAME
+        # The library first (engine.json names it; one written before TensorRT-RTX was datacenter
+        # TensorRT's), so that a machine without it says so before anything else.
+        be = backend.load_backend(_recorded_backend(metadata_path))
+        trt = be.module
+        gpu_name, capability = backend.gpu_identity()
         data = self.engine_path.read_bytes()
         self.metadata: EngineMetadata | None = None
         if metadata_path.is_file():
@@ -65,7 +81,7 @@ class TensorRTRunner:
                     f"{metadata_path} describes a {self.metadata.engine_bytes}-byte engine but "
                     f"{self.engine_path} has {len(data)} bytes; rebuild with `quantkit build --from DIR`"
                 )
-            check_engine_compatible(self.metadata, gpu_name, capability, trt.__version__)
+            check_engine_compatible(self.metadata, gpu_name, capability, be.version)
         else:
             msg = (f"{self.engine_path}: no {METADATA_NAME} beside it, so only TensorRT's own checks stand "
                    f"between this engine and a GPU it was not built for")
@@ -73,12 +89,13 @@ class TensorRTRunner:
             log.warning(msg)
 
         self._trt = trt
-        self._logger = backend.make_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(data)
+        self._logger = backend.logger_for(trt)
+        with self._logger.capture() as said:
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
-            detail = " | ".join(self._logger.errors[-3:]) or "no detail given"
-            raise InputError(f"{self.engine_path}: TensorRT {trt.__version__} could not load this engine ({detail})")
+            detail = " | ".join(said.errors[-3:]) or "no detail given"
+            raise InputError(f"{self.engine_path}: {be.label} could not load this engine ({detail})")
         self._context = self._engine.create_execution_context()
         self._device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(self._device)
@@ -91,6 +108,8 @@ class TensorRTRunner:
         self._use_cuda_graph = use_cuda_graph
         self._graph = None
         self._graph_key: tuple | None = None
+        self._profiles = int(getattr(self._engine, "num_optimization_profiles", 1) or 1)
+        self._profile = 0
 
     def _buffer(self, name: str, numel: int):
         import torch
@@ -102,12 +121,37 @@ class TensorRTRunner:
             self._graph = None  # addresses changed: a captured graph points at the old buffers
         return buf
 
-    def _profile_text(self, name: str) -> str:
+    def _profile_text(self, name: str, index: int = 0) -> str:
         try:
-            lo, mid, hi = self._engine.get_tensor_profile_shape(name, 0)
+            lo, mid, hi = self._engine.get_tensor_profile_shape(name, index)
             return f"min {tuple(lo)}, opt {tuple(mid)}, max {tuple(hi)}"
         except Exception:  # only used to enrich an error message
             return "see engine.json"
+
+    def _fits(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        for name, shape in shapes.items():
+            lo, _, hi = (tuple(d) for d in self._engine.get_tensor_profile_shape(name, index))
+            if len(lo) != len(shape) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                return False
+        return True
+
+    def _select_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Switch to the first optimization profile these input shapes fit; say so when none does."""
+        if self._profiles <= 1 or self._fits(self._profile, shapes):
+            return
+        for index in range(self._profiles):
+            if self._fits(index, shapes):
+                if not self._context.set_optimization_profile_async(index, self._stream.cuda_stream):
+                    raise QuantkitError(f"{self.engine_path.name}: TensorRT could not switch to profile {index}")
+                log.info("%s: input shapes %s run in optimization profile %d", self.engine_path.name, dict(shapes), index)
+                self._profile = index
+                self._graph = None  # a captured graph belongs to the old profile
+                return
+        ranges = "; ".join(
+            f"profile {i}: " + ", ".join(f"{n} {self._profile_text(n, i)}" for n in shapes) for i in range(self._profiles)
+        )
+        raise InputError(f"{self.engine_path.name}: input shapes {dict(shapes)} fit none of the engine's "
+                         f"{self._profiles} optimization profiles ({ranges}); rebuild with a profile that covers them")
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
@@ -122,6 +166,7 @@ class TensorRTRunner:
         # Inputs already on the GPU may still be being written on the caller's stream.
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._stream):
+            self._select_profile({n: tuple(inputs[n].shape) for n in self.input_names})
             for name in self.input_names:
                 t = inputs[name]
                 want = self._dtypes[name]
@@ -130,7 +175,7 @@ class TensorRTRunner:
                 if not ctx.set_input_shape(name, tuple(t.shape)):
                     raise InputError(
                         f"input {name}: shape {tuple(t.shape)} is outside the engine's profile "
-                        f"({self._profile_text(name)})"
+                        f"({self._profile_text(name, self._profile)})"
                     )
                 view = self._buffer(name, t.numel())[: t.numel()].view(t.shape)
                 view.copy_(t.to(want), non_blocking=False)

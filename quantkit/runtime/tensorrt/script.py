@@ -19,7 +19,7 @@ from quantkit.runtime.tensorrt.files import (
     TIMING_CACHE_NAME,
     check_settings,
 )
-from quantkit.runtime.tensorrt.profiles import ShapeProfile, dims_text
+from quantkit.runtime.tensorrt.profiles import ShapeProfile, as_profile_sets, dims_text
 from quantkit.trt_requirements import Version, format_version
 
 
@@ -27,7 +27,7 @@ def write_build_script(
     out_dir: str | os.PathLike,
     onnx_name: str,
     engine_name: str,
-    profiles: Sequence[ShapeProfile],
+    profiles: Sequence[ShapeProfile] | Sequence[Sequence[ShapeProfile]],
     *,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
     opt_level: int = 3,
@@ -46,9 +46,11 @@ def write_build_script(
             raise InputError(f"build_engine.sh: {name!r} must be a file name inside the output folder")
     partial = f"{engine_name}.partial"
     argv = [f"--onnx={onnx_name}", "--stronglyTyped", f"--saveEngine={partial}"]
-    if profiles:
+    sets = as_profile_sets(profiles)
+    # One --minShapes/--optShapes/--maxShapes triple per optimization profile, in profile order.
+    for shapes in sets:
         for flag, which in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
-            spec = ",".join(f"{p.name}:{dims_text(getattr(p, which))}" for p in profiles)
+            spec = ",".join(f"{p.name}:{dims_text(getattr(p, which))}" for p in shapes)
             argv.append(f"{flag}={spec}")
     argv += [
         f"--timingCacheFile={timing_cache_name}",
@@ -66,6 +68,9 @@ def write_build_script(
         "# Written by quantkit build. Copy this whole folder (the .onnx, any .onnx.data beside it, this",
         f"# script) to the target and run: bash {SCRIPT_NAME}",
     ]
+    if len(sets) > 1:
+        lines.append(f"# {len(sets)} optimization profiles in one engine: one shape triple each, in order "
+                     "(as TensorRT's trtexec takes repeated --minShapes/--optShapes/--maxShapes).")
     if needs:
         lines.append(f"# This graph needs TensorRT >= {needs}:")
         lines += [f"#   - {_one_line(r)}" for r in reasons]

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 _state = {"quiet": False}
@@ -52,12 +53,13 @@ def console() -> Console:
 
 def info(message: str) -> None:
     if not is_quiet():
-        console().print(message, highlight=False)
+        # Messages are text, not rich markup: TensorRT's "[pass.cpp:1500: run_passes]" must print as written.
+        console().print(escape(message), highlight=False)
 
 
 def warn(message: str) -> None:
     Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(
-        f"[yellow]warning:[/yellow] {message}", highlight=False)
+        f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 def _fmt_bytes(n: int) -> str:

@@ -105,10 +105,10 @@ def compile_check(
         check.skipped = f"neither TensorRT nor TensorRT-RTX can be used here ({e})"
         return check
     check.backend, check.version = be.name, be.version
-    sets = as_profile_sets(profiles)
-    if not sets:
-        fallback = default_profile(onnx_path)
-        sets = [fallback] if fallback else []
+    # Dynamic inputs the given profiles leave out get the default range in each profile.
+    fallback = default_profile(onnx_path)
+    sets = [shapes + [p for p in fallback if p.name not in {q.name for q in shapes}]
+            for shapes in as_profile_sets(profiles)] or ([fallback] if fallback else [])
     check.profiles = sets
     if be.ahead_of_time:
         if not targets:

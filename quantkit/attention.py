@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit import multihead
+from quantkit.compat import modelopt as modelopt_compat
+from quantkit.compat import transformers as transformers_compat
+from quantkit.patches import Patches, of_model
 from quantkit.recipe import AttentionSpec, NamePattern, Precision
 
 IMPLEMENTATION = "quantkit"  # the name registered in transformers' AttentionInterface
@@ -258,13 +261,11 @@ def _quantkit_mask(*args: Any, **kwargs: Any):
     return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs)
 
 
-def register_transformers_implementation() -> None:
-    """Register `quantkit` in transformers' attention and mask interfaces (idempotent)."""
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(IMPLEMENTATION, quantkit_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, _quantkit_mask)
+def register_transformers_implementation(changes: Patches) -> None:
+    """Register `quantkit` in transformers' attention and mask interfaces while `changes` (or any
+    other model's) holds it; taken back when the last of them is released."""
+    changes.hold(("transformers-attention", IMPLEMENTATION), lambda: transformers_compat.register_attention(
+        IMPLEMENTATION, quantkit_attention_forward, _quantkit_mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def _classify(module: nn.Module) -> tuple[str | None, str | None]:
     names = set(code.co_names) if code is not None else set()
     if "ALL_ATTENTION_FUNCTIONS" in names:
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "_attn_implementation"):
+        if not transformers_compat.has_attn_implementation(config):
             return None, f"{cls.__name__} uses the transformers attention interface but has no config to switch"
         eager = _family_eager(module)
         if eager is None:
@@ -422,16 +423,26 @@ class _DictSlot:
         self._space[name] = value
 
 
-def route(site: AttentionSite, fp32_softmax: bool | None = None) -> None:
-    """Send `site` through quantkit's attention. fp32_softmax=None leaves the softmax setting as it is."""
+def route(site: AttentionSite, changes: Patches, fp32_softmax: bool | None = None) -> None:
+    """Send `site` through quantkit's attention. fp32_softmax=None leaves the softmax setting as it is.
+
+    What it changes outside the module (transformers' registry, the module's config) is recorded in
+    `changes` and undone with them; the class swap is the module's own."""
     module = site.module
     if site.kind == "interface":
-        register_transformers_implementation()
+        register_transformers_implementation(changes)
         config = module.config
-        if config._attn_implementation != IMPLEMENTATION:
-            current = config._attn_implementation
+        current = transformers_compat.attn_implementation(config)
+        if current != IMPLEMENTATION:
             object.__setattr__(config, _ORIGINAL_ATTN, current if current in ("eager", "sdpa") else "sdpa")
-            config._attn_implementation = {"": IMPLEMENTATION}  # this config only, not its sub-configs
+            # this config only, not its sub-configs
+            transformers_compat.set_attn_implementation(config, {"": IMPLEMENTATION})
+
+            def undo(config=config, current=current) -> None:
+                if transformers_compat.attn_implementation(config) == IMPLEMENTATION:
+                    transformers_compat.set_attn_implementation(config, {"": current})
+                config.__dict__.pop(_ORIGINAL_ATTN, None)
+            changes.local(undo)
     elif site.kind == multihead.ROUTED_KIND:
         if not multihead.is_exposed(module):
             raise ValueError(f"{site.name}: MultiheadAttention must be exposed (multihead.expose) before routing")
@@ -482,23 +493,39 @@ def _quantizer_class() -> type:
     return _QUANTIZER_CLASS
 
 
-def register_quantizers(cls: type) -> None:
-    """Make mtq.quantize (and mto.restore) give instances of `cls` quantkit's bmm quantizers (idempotent)."""
+def register_quantizers(cls: type, changes: Patches) -> None:
+    """Make mtq.quantize (and mto.restore) give instances of `cls` quantkit's bmm quantizers while
+    `changes` (or another model's of the same class) holds the registration; what it displaced in
+    QuantModuleRegistry is registered again when the last of them is released."""
     from modelopt.torch.quantization.nn import QuantModuleRegistry
 
-    dm = _quantizer_class()
-    registry = QuantModuleRegistry._registry
-    if registry.get(cls) is dm:
-        return
-    if cls in registry:  # e.g. ModelOpt's own _QuantAttention from an earlier mtq.quantize in this process
-        QuantModuleRegistry.unregister(cls)
-    QuantModuleRegistry.register({cls: f"quantkit.{cls.__module__}.{cls.__qualname__}"})(dm)
-    # A registered base class with the same forward would win the lookup; take it off for this class.
-    for _ in range(4):
-        hit = QuantModuleRegistry._get_registered_nn_class(cls)
-        if hit is cls or hit is None:
-            break
-        QuantModuleRegistry.unregister(hit)
+    def apply() -> Callable[[], None]:
+        dm = _quantizer_class()
+        displaced: list[tuple[type, type, str]] = []  # (nn class, QuantModule, key) taken off
+        current = modelopt_compat.registered_exactly(QuantModuleRegistry, cls)
+        ours = current is not None and current[0] is dm
+        if current is not None and not ours:  # e.g. ModelOpt's own _QuantAttention from an earlier mtq.quantize
+            displaced.append((cls, *current))
+            QuantModuleRegistry.unregister(cls)
+        if not ours:
+            QuantModuleRegistry.register({cls: f"quantkit.{cls.__module__}.{cls.__qualname__}"})(dm)
+        # A registered base class with the same forward would win the lookup; take it off for this class.
+        for _ in range(4):
+            hit = modelopt_compat.registered_base(QuantModuleRegistry, cls)
+            if hit is cls or hit is None:
+                break
+            displaced.append((hit, *modelopt_compat.registered_exactly(QuantModuleRegistry, hit)))
+            QuantModuleRegistry.unregister(hit)
+
+        def undo() -> None:
+            if not ours and modelopt_compat.registered_exactly(QuantModuleRegistry, cls) is not None:
+                QuantModuleRegistry.unregister(cls)
+            for nn_cls, qm, key in reversed(displaced):
+                if modelopt_compat.registered_exactly(QuantModuleRegistry, nn_cls) is None:
+                    QuantModuleRegistry.register({nn_cls: key})(qm)
+        return undo
+
+    changes.hold(("modelopt-quant-module", cls), apply)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +546,7 @@ def convert_attention(model: nn.Module, spec: AttentionSpec) -> list[AttentionCo
     if spec.precision == Precision.SKIP:
         return []
     patterns = [NamePattern(p) for p in spec.match]
+    changes = of_model(model)
     out = []
     for site in attention_sites(model):
         if not any(p.matches(site.name) for p in patterns):
@@ -526,8 +554,8 @@ def convert_attention(model: nn.Module, spec: AttentionSpec) -> list[AttentionCo
         if site.kind is None:
             out.append(AttentionConversion(site.name, site.module_class, False, "quantkit", site.reason, {}))
             continue
-        route(site)
-        register_quantizers(type(site.module))
+        route(site, changes)
+        register_quantizers(type(site.module), changes)
         names = _quantizer_names(site.name)
         roles = ROLES if spec.quantize_softmax_output else ROLES[:3]
         out.append(AttentionConversion(site.name, site.module_class, True, "quantkit", None,
@@ -548,9 +576,9 @@ def verify_attention(model: nn.Module, conversions: list[AttentionConversion]) -
             continue
         config = getattr(module, "config", None)
         kind = getattr(type(module), _ROUTED_FLAG, None)
-        if kind is None and getattr(config, "_attn_implementation", None) != IMPLEMENTATION:
+        if kind is None and transformers_compat.attn_implementation(config) != IMPLEMENTATION:
             problems.append(f"{c.name}: attention no longer runs through quantkit (implementation "
-                            f"{getattr(config, '_attn_implementation', None)!r}); its matmuls bypass the quantizers")
+                            f"{transformers_compat.attn_implementation(config)!r}); its matmuls bypass the quantizers")
         for role, qname in c.quantizers.items():
             q = modules.get(qname)
             if q is None:

@@ -58,9 +58,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from quantkit import ptq
+    import quantkit
 
-    plan = ptq.plan_for(args.recipe, args.model, dtype=args.dtype, strict=args.strict)
+    plan = quantkit.plan(args.model, args.recipe, dtype=args.dtype, strict=args.strict)
     data = plan.to_dict()
     if args.json:
         print(json.dumps(data, indent=2))
@@ -106,10 +106,20 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="a run that misses its accuracy gate replaces a passing --out (default: it is written "
                         "beside it, to OUT.failed)")
-    from quantkit import launch
-
-    launch.add_arguments(p)  # --nproc, --device-map, --max-memory
+    _add_scale_args(p)
     _add_common(p)
+
+
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    """--nproc (quantkit.launch), --device-map and --max-memory (quantkit.placement)."""
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="calibrate data-parallel on N processes (one GPU each, or gloo on --device cpu); launches "
+                        "torchrun. The amax values equal a one-process run's")
+    p.add_argument("--device-map", default=None, metavar="auto|sequential|MAP.json",
+                   help="place a model larger than one GPU over the visible GPUs with accelerate, then calibrate it; "
+                        "the placement is recorded in report.json")
+    p.add_argument("--max-memory", default=None, metavar="GPU=SIZE,...",
+                   help="with --device-map: weight memory per GPU, e.g. 0=60GiB,1=60GiB (default: 85%% of free)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -122,8 +132,53 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          "--device-map auto (or leave --max-memory out)")
     if launch.wants_distributed(args):  # --nproc N, or a rank under torchrun
         return launch.quantize(args)
-    result = ptq.quantize_cli(args)
-    return 0 if result.passed else 1
+    return _quantize_in_process(args)
+
+
+def _quantize_in_process(args: argparse.Namespace) -> int:
+    from quantkit import ptq
+    from quantkit.errors import require_positive
+    from quantkit.outdir import output_lock
+
+    require_positive("--max-samples", args.max_samples)
+    require_positive("--batch-size", args.batch_size)
+    out = ptq.output_folder(args)
+    ptq.check_quantize_output(out, args.calib, args.force)
+    with output_lock(out):  # held from the first check to the last write: a second run into OUT exits 2
+        return _quantize_into(args, out)
+
+
+def _quantize_into(args: argparse.Namespace, out) -> int:
+    import torch
+
+    import quantkit
+    from quantkit import ptq
+    from quantkit.models import load_model
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    device = ptq.resolve_device(args.device)
+    dtype = args.dtype or "fp32"
+    console.info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} on {device}")
+    loaded = load_model(args.model)
+    placement = None
+    if args.device_map:
+        from quantkit import placement as placement_mod
+
+        placement = placement_mod.dispatch(loaded.model, args.device_map, device,
+                                           placement_mod.parse_max_memory(args.max_memory))
+        device = torch.device(placement.main_device)
+        console.info(f"placed over {', '.join(placement.bytes_per_device)} ({args.device_map})")
+    calibration = ptq.open_calibration(loaded, args.calib, args.synthetic, args.max_samples or recipe.calibration.max_samples)
+    console.info(ptq.calibration_summary(calibration))
+    qm = quantkit.quantize(loaded, recipe, calibration, device=device, dtype=dtype, batch_size=args.batch_size,
+                           strict=args.strict)
+    if placement is not None:
+        qm.report.to_dict()["placement"] = placement.to_dict()
+    # Staged only now: a run that fails or is killed while calibrating leaves nothing on disk; a failing
+    # run does not replace a passing one (OUT.failed) unless --force.
+    ptq.write_run(qm.result, out, loaded.spec, dtype, force=args.force, protect=[args.calib])
+    return 0 if qm.report else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,12 +204,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_collect(sub: argparse._SubParsersAction) -> None:
-    from quantkit import collect
+def _add_collect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="built-in name (minilm [default], llama-tiny), a Hugging Face folder, or package.module:function")
+    p.add_argument("--data", default=None,
+                   help="a .txt/.json/.jsonl/.csv/.parquet file, a `datasets` folder (save_to_disk), an image folder, "
+                        "or a built-in set name (default: the model's, e.g. text-en)")
+    p.add_argument("--out", required=True, help="the calibration set folder to write")
+    p.add_argument("--module", default=None,
+                   help="record the inputs of this submodule (dotted name, e.g. denoiser) instead of the whole model")
+    p.add_argument("--runner", default=None,
+                   help="package.module:function (or file.py:function) called as fn(model, row) to run the pipeline "
+                        "on one data row; needed for images and non-text pipelines")
+    p.add_argument("--field", default=None, help="the text field of json/csv/parquet/datasets rows (default: text)")
+    p.add_argument("--split", default=None, help="the split of a saved DatasetDict (default: train)")
+    p.add_argument("--max-samples", type=int, default=None, help="stop after this many captured samples")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="data rows per model call (default 1: one unpadded sample per row, re-batched at replay)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default 64)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the calibration set in --out")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random inputs instead of data (the set is marked synthetic; reports say so)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --synthetic and for stochastic pipelines")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="precision the model runs in (default fp32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info lines")
 
+
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Run a collection from parsed arguments. Raises InputError (exit 2) for bad input."""
+    from quantkit.collect import collect
+
+    if getattr(args, "quiet", False):
+        console.set_quiet(True)
+    try:
+        manifest = collect(args.model, args.out, data=args.data, module=args.module, field=args.field,
+                           split=args.split, runner=args.runner, max_samples=args.max_samples,
+                           batch_size=args.batch_size, shard_size=args.shard_size, resume=args.resume,
+                           overwrite=args.overwrite, synthetic=args.synthetic, seed=args.seed, device=args.device,
+                           dtype=args.dtype, progress=not getattr(args, "quiet", False))
+    except KeyboardInterrupt:
+        print(f"interrupted: completed shards in {args.out} are kept; rerun with --resume", file=sys.stderr)
+        return 130
+    src = manifest["source"].get("description")
+    fields = ", ".join(f"{k} {v.get('dtype', v.get('type'))}" for k, v in list(manifest["fields"].items())[:6])
+    console.info(f"{args.out}: {manifest['samples']} samples of {manifest.get('module') or manifest['model_class']} "
+                 f"in {len(manifest['shards'])} shards from {src}"
+                 + (" (SYNTHETIC)" if manifest.get("synthetic") else "") + f"; fields: {fields}")
+    return 0
+
+
+def _register_collect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="record the real inputs of a model or submodule as a calibration set")
-    collect.add_arguments(p)
-    p.set_defaults(func=collect.run)
+    _add_collect_args(p)
+    p.set_defaults(func=cmd_collect)
 
 
 def parse_dynamic_axes(items: list[str] | None) -> dict[str, dict[int, str]] | None:
@@ -516,7 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # as typed: `--nproc` hands the ranks the user's own arguments (quantkit.launch)
     console.set_quiet(getattr(args, "quiet", False))
     try:
         with console.quiet_warnings():

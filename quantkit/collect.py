@@ -21,7 +21,6 @@ How a data row reaches the model:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import difflib
@@ -30,7 +29,6 @@ import json
 import os
 import random
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"  # = quantkit.calib.MANIFEST
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 TEXT_SUFFIXES = {".txt", ".text"}
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,69 +628,3 @@ def _comparable(value: Any, key: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Command line (scripts/collect_calibration.py and `quantkit collect`)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="built-in name (minilm [default], llama-tiny), a Hugging Face folder, or package.module:function")
-    p.add_argument("--data", default=None,
-                   help="a .txt/.json/.jsonl/.csv/.parquet file, a `datasets` folder (save_to_disk), an image folder, "
-                        "or a built-in set name (default: the model's, e.g. text-en)")
-    p.add_argument("--out", required=True, help="the calibration set folder to write")
-    p.add_argument("--module", default=None,
-                   help="record the inputs of this submodule (dotted name, e.g. denoiser) instead of the whole model")
-    p.add_argument("--runner", default=None,
-                   help="package.module:function (or file.py:function) called as fn(model, row) to run the pipeline "
-                        "on one data row; needed for images and non-text pipelines")
-    p.add_argument("--field", default=None, help="the text field of json/csv/parquet/datasets rows (default: text)")
-    p.add_argument("--split", default=None, help="the split of a saved DatasetDict (default: train)")
-    p.add_argument("--max-samples", type=int, default=None, help="stop after this many captured samples")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="data rows per model call (default 1: one unpadded sample per row, re-batched at replay)")
-    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default 64)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the calibration set in --out")
-    p.add_argument("--synthetic", action="store_true",
-                   help="random inputs instead of data (the set is marked synthetic; reports say so)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --synthetic and for stochastic pipelines")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="precision the model runs in (default fp32)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info lines")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run a collection from parsed arguments. Raises InputError (exit 2) for bad input."""
-    if getattr(args, "quiet", False):
-        console.set_quiet(True)
-    manifest = collect(args.model, args.out, data=args.data, module=args.module, field=args.field, split=args.split,
-                       runner=args.runner, max_samples=args.max_samples, batch_size=args.batch_size,
-                       shard_size=args.shard_size, resume=args.resume, overwrite=args.overwrite,
-                       synthetic=args.synthetic, seed=args.seed, device=args.device, dtype=args.dtype,
-                       progress=not getattr(args, "quiet", False))
-    src = manifest["source"].get("description")
-    fields = ", ".join(f"{k} {v.get('dtype', v.get('type'))}" for k, v in list(manifest["fields"].items())[:6])
-    console.info(f"{args.out}: {manifest['samples']} samples of {manifest.get('module') or manifest['model_class']} "
-                 f"in {len(manifest['shards'])} shards from {src}"
-                 + (" (SYNTHETIC)" if manifest.get("synthetic") else "") + f"; fields: {fields}")
-    return 0
-
-
-def build_parser(prog: str = "collect_calibration") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 ok, 2 bad input (one line naming it), 1 a failed run."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except QuantkitError as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"interrupted: completed shards in {args.out} are kept; rerun with --resume", file=sys.stderr)
-        return 130

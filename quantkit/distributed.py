@@ -323,17 +323,19 @@ def _calibrating_quantizers(model: "nn.Module") -> list[tuple[str, Any]]:
     from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
 
+    from quantkit.compat import modelopt as modelopt_compat
+
     out = []
     for name, q in model.named_modules():
-        if not isinstance(q, TensorQuantizer) or q._disabled or not getattr(q, "_if_calib", False):
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled or not modelopt_compat.is_calibrating(q):
             continue
-        cal = getattr(q, "_calibrator", None)
+        cal = modelopt_compat.calibrator(q)
         if cal is None:
             continue
         if type(cal) is not MaxCalibrator:
             raise InputError(f"{name}: calibrates with {type(cal).__name__}, whose statistics cannot be reduced across "
                              "ranks exactly; calibrate in one process (leave out --nproc / torchrun)")
-        if getattr(q, "_bias_calibrator", None) is not None:
+        if modelopt_compat.bias_calibrator(q) is not None:
             raise InputError(f"{name}: calibrates an affine bias (a mean over batches), which cannot be reduced across "
                              "ranks exactly; calibrate in one process")
         out.append((name, q))
@@ -344,10 +346,12 @@ def reduce_max_statistics(model: "nn.Module", dp: DataParallel) -> dict[str, Any
     """All-reduce (MAX) the running |x| max of every calibrating quantizer; afterwards every rank holds
     the statistics of all ranks' batches. Statistics missing on a rank take part as -inf; those missing
     on every rank stay None, as in one process that never reached the quantizer."""
+    from quantkit.compat.modelopt import calib_amax, calibrator, set_calib_amax
+
     quantizers = _calibrating_quantizers(model)
     local = {}
     for name, q in quantizers:
-        amax = q._calibrator._calib_amax
+        amax = calib_amax(calibrator(q))
         if amax is not None:
             local[name] = (tuple(amax.shape), str(amax.dtype))
     names = [n for n, _ in quantizers]
@@ -379,7 +383,7 @@ def reduce_max_statistics(model: "nn.Module", dp: DataParallel) -> dict[str, Any
             continue
         parts = []
         for n in picked:
-            amax = by_name[n]._calibrator._calib_amax
+            amax = calib_amax(calibrator(by_name[n]))
             if amax is None:
                 parts.append(torch.full((torch.Size(shapes[n]).numel(),), float("-inf"), dtype=buf_dtype, device=comm))
             else:
@@ -388,12 +392,13 @@ def reduce_max_statistics(model: "nn.Module", dp: DataParallel) -> dict[str, Any
         dp.all_reduce_max(buf)
         offset = 0
         for n in picked:
-            cal = by_name[n]._calibrator
+            cal = calibrator(by_name[n])
             numel = torch.Size(shapes[n]).numel()
             chunk = buf[offset:offset + numel].view(shapes[n])
             offset += numel
-            device = cal._calib_amax.device if cal._calib_amax is not None else _device_of(by_name[n], comm)
-            cal._calib_amax = chunk.to(device=device, dtype=dtypes[n]).clone()
+            before = calib_amax(cal)
+            device = before.device if before is not None else _device_of(by_name[n], comm)
+            set_calib_amax(cal, chunk.to(device=device, dtype=dtypes[n]).clone())
     return {"quantizers_reduced": len(shapes), "missing_on_some_rank": missing_somewhere,
             "never_calibrated": len(names) - len(shapes)}
 

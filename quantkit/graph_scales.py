@@ -60,10 +60,16 @@ def snap_fp8_amax(model: nn.Module, graph_dtype: torch.dtype) -> dict[str, int]:
     counts = {"quantizers": 0, "moved": 0}
     if graph_dtype not in (torch.float16, torch.bfloat16):
         return counts
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from quantkit.compat.modelopt import amax_buffer
+
     for module in model.modules():
-        amax = getattr(module, "_amax", None)
-        if (getattr(module, "num_bits", None) != (4, 3) or not getattr(module, "is_enabled", False)
-                or getattr(module, "block_sizes", None) or not torch.is_tensor(amax)):
+        if (not isinstance(module, TensorQuantizer) or module.num_bits != (4, 3) or not module.is_enabled
+                or module.block_sizes):
+            continue
+        amax = amax_buffer(module)
+        if not torch.is_tensor(amax):
             continue
         # on the CPU: a handful of values, and nextafter's 16-bit kernels are not on every device
         snapped = snap_amax(amax.detach().cpu(), graph_dtype).to(amax.device)

@@ -8,7 +8,6 @@ command exits naming that rank, with nothing written.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -36,24 +35,13 @@ class RankFailure(QuantkitError):
         self.exit_code = exit_code
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="calibrate data-parallel on N processes (one GPU each, or gloo on --device cpu); launches "
-                        "torchrun. The amax values equal a one-process run's")
-    p.add_argument("--device-map", default=None, metavar="auto|sequential|MAP.json",
-                   help="place a model larger than one GPU over the visible GPUs with accelerate, then calibrate it; "
-                        "the placement is recorded in report.json")
-    p.add_argument("--max-memory", default=None, metavar="GPU=SIZE,...",
-                   help="with --device-map: weight memory per GPU, e.g. 0=60GiB,1=60GiB (default: 85%% of free)")
-
-
-def wants_distributed(args: argparse.Namespace) -> bool:
+def wants_distributed(args) -> bool:
     from quantkit.distributed import DataParallel
 
     return (getattr(args, "nproc", None) or 1) > 1 or DataParallel.from_env() is not None
 
 
-def quantize(args: argparse.Namespace) -> int:
+def quantize(args) -> int:
     """`quantize --nproc N` (launch the ranks) or one rank under torchrun."""
     from quantkit.distributed import DataParallel
 
@@ -67,25 +55,21 @@ def quantize(args: argparse.Namespace) -> int:
 # The launcher
 
 
-def _argv_from_args(args: argparse.Namespace, drop: set[str]) -> list[str]:
-    """The quantize command line that gives `args` (options at their default are left out)."""
-    from quantkit import cli
-
-    p = argparse.ArgumentParser(add_help=False)
-    cli._add_quantize_args(p)
-    argv: list[str] = []
-    for action in p._actions:
-        if not action.option_strings or action.dest in drop:
+def rank_argv(argv: list[str], drop: set[str]) -> list[str]:
+    """The command line the ranks run: the user's own `quantize` arguments (`argv`, as typed) less the
+    options in `drop` (e.g. --nproc, which launched them), in either spelling (--opt V, --opt=V)."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
             continue
-        value = getattr(args, action.dest, action.default)
-        if value == action.default:
+        flag, eq, _ = item.partition("=")
+        if flag in drop:
+            skip = not eq
             continue
-        flag = max(action.option_strings, key=len)
-        if action.nargs == 0:  # store_true and friends
-            argv.append(flag)
-        else:
-            argv += [flag, str(value)]
-    return argv
+        out.append(item)
+    return out
 
 
 @contextlib.contextmanager
@@ -102,7 +86,7 @@ def _quiet_elastic() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(args) -> int:
     import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -130,7 +114,7 @@ def launch(args: argparse.Namespace) -> int:
     require_positive("--batch-size", args.batch_size)
     check_quantize_output(out, args.calib, bool(getattr(args, "force", False)))  # before any rank starts
     existed = out.exists()
-    argv = ["-m", "quantkit", "quantize", *_argv_from_args(args, drop={"nproc", "device"}), "--device", device]
+    argv = ["-m", "quantkit", "quantize", *rank_argv(args.argv, {"--nproc", "--device"}), "--device", device]
     status = Path(tempfile.mkdtemp(prefix="quantkit-dp-"))
     saved = {k: os.environ.get(k) for k in (STATUS_ENV, "OMP_NUM_THREADS")}
     os.environ[STATUS_ENV] = str(status)
@@ -216,7 +200,7 @@ def _write_status(rank: int, data: dict[str, Any]) -> bool:
     return True
 
 
-def run_rank(args: argparse.Namespace, dp) -> int:
+def run_rank(args, dp) -> int:
     """This process's part of the run; on any failure: say which rank and why, then exit at once."""
     from quantkit.distributed import PeerFailure
 
@@ -262,7 +246,8 @@ def _terminate_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _quantize_rank(args: argparse.Namespace, dp) -> int:
+def _quantize_rank(args, dp) -> int:
+    import quantkit
     from quantkit import console, ptq
     from quantkit.models import load_model
     from quantkit.recipe import load_recipe
@@ -306,18 +291,19 @@ def _quantize_rank(args: argparse.Namespace, dp) -> int:
                                strict=args.strict, data_parallel=dp)
         dp.close()
         return 0
-    result = ptq.quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=batch_size,
-                          strict=args.strict, data_parallel=dp)
-    result.report["data_parallel"] = dp.describe(calib_part, batch_size)
-    last = result.report["data_parallel"].get("passes", [{}])[-1]
+    qm = quantkit.quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=batch_size,
+                           strict=args.strict, data_parallel=dp)
+    report = qm.report.to_dict()
+    report["data_parallel"] = dp.describe(calib_part, batch_size)
+    last = report["data_parallel"].get("passes", [{}])[-1]
     info(f"calibrated {len(calib_part)} samples on {dp.world_size} ranks ("
          + ", ".join(f"rank {r['rank']}: {r['samples']} in {r['forward_s']:.2f} s" for r in last.get("ranks", []))
          + f"); statistics of {last.get('quantizers_reduced', 0)} quantizers reduced in {last.get('reduce_s', 0):.3f} s")
     # Every collective is done: the other ranks may already have exited. Only now is anything written.
     with _terminate_raises():
-        ptq.write_run(result, out, loaded.spec, dtype, force=bool(getattr(args, "force", False)),
+        ptq.write_run(qm.result, out, loaded.spec, dtype, force=bool(getattr(args, "force", False)),
                       protect=[args.calib])
-    code = 0 if result.passed else 1
+    code = 0 if qm.report else 1
     _write_status(dp.rank, {"kind": "result", "exit_code": code, "out": str(out)})
     dp.close()
     return code

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from quantkit.errors import QuantkitError
 
-#: The ModelOpt release whose kernel this module reproduces and whose internals `install()` patches.
+#: The ModelOpt release whose kernel this module reproduces and whose internals `install()` patches;
+#: `install()` accepts the releases quantkit.compat.SUPPORTED names (the pin, 0.47.*).
 MODELOPT_VERSION_CHECKED = "0.47.0"
 
 BLOCK_SIZE = 16
@@ -247,9 +248,9 @@ def _modelopt_version() -> str:
 
 
 def _tensor_quant_module():
-    from modelopt.torch.quantization import tensor_quant
+    from quantkit.compat.modelopt import tensor_quant_module
 
-    return tensor_quant
+    return tensor_quant_module()
 
 
 def _is_nvfp4(num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) -> bool:
@@ -340,29 +341,39 @@ def is_installed() -> bool:
             and getattr(getattr(qm, "static_blockwise_fp4_fake_quant", None), _MARK, False))
 
 
-def install() -> None:
+def install(changes=None) -> None:
     """Make ModelOpt's NVFP4 fake quantization (and so mtq.quantize and ONNX export) run on CPU.
 
     Idempotent. Replaces `modelopt.torch.quantization.tensor_quant.dynamic_block_quantize_op`
     by a function that sends CPU tensors in NVFP4 format to `nvfp4_fake_quantize`, and
     `...nn.modules.tensor_quantizer.static_blockwise_fp4_fake_quant` by one that sends CPU tensors
     to `nvfp4_static_fake_quantize`; everything else (CUDA tensors, other formats) goes to
-    ModelOpt's own code unchanged. Checked against ModelOpt 0.47.0 only: any other version raises
-    QuantkitError instead of patching.
+    ModelOpt's own code unchanged. Checked against ModelOpt 0.47.0 and supported for the pin's releases
+    (0.47.*): any other version raises QuantkitError instead of patching. With `changes` (a
+    quantkit.patches.Patches) the routes are held by that model and taken out when the last model
+    holding them is released; without, they stay until `uninstall()`.
     """
+    from quantkit.compat import SUPPORTED, supports
+
     version = _modelopt_version()
-    if version != MODELOPT_VERSION_CHECKED:
+    if not supports("nvidia-modelopt", version):
         raise QuantkitError(
-            f"NVFP4 on CPU is checked against nvidia-modelopt {MODELOPT_VERSION_CHECKED} only, "
-            f"found {version}: its internal dynamic_block_quantize_op may differ; re-check "
-            "quantkit/nvfp4_cpu.py against this version (and tests/gpu/test_nvfp4_parity.py on a GPU) "
-            "before raising MODELOPT_VERSION_CHECKED, or run NVFP4 on a CUDA device"
+            f"NVFP4 on CPU is checked against nvidia-modelopt {MODELOPT_VERSION_CHECKED} (quantkit supports "
+            f"{SUPPORTED['nvidia-modelopt']}), found {version}: its internal dynamic_block_quantize_op may differ; "
+            "re-check quantkit/nvfp4_cpu.py against this version (and tests/gpu/test_nvfp4_parity.py on a GPU) "
+            "before widening the pin, or run NVFP4 on a CUDA device"
         )
+    if changes is not None:
+        def apply():
+            was = is_installed()
+            install()
+            return (lambda: None) if was else uninstall
+        changes.hold(("nvfp4-cpu-route",), apply)
+        return
     tq, qm = _tensor_quant_module(), _quantizer_module()
     current = getattr(tq, "dynamic_block_quantize_op", None)
     static = getattr(qm, "static_blockwise_fp4_fake_quant", None)
-    if (current is None or not callable(getattr(tq, "_dynamic_block_quantize_forward", None))
-            or not callable(static)):
+    if current is None or not callable(static):
         raise QuantkitError(
             f"nvidia-modelopt {version} has no tensor_quant.dynamic_block_quantize_op / "
             "_dynamic_block_quantize_forward / tensor_quantizer.static_blockwise_fp4_fake_quant: the installed "

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.compat.transformers import no_split_modules
 from quantkit.errors import InputError
 
 MODES = ("auto", "sequential")
@@ -104,7 +105,7 @@ def infer_map(model: nn.Module, mode: str, device: torch.device,
     if bad:
         raise InputError(f"--max-memory names GPU(s) {bad}, but {count} are visible")
     room = sum(max_memory.values())
-    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    no_split = no_split_modules(model)
     # Sized as FP32 whatever the loaded dtype: quantkit's reference pass runs the placed model in FP32.
     sizing = fp32_sizing(model)
     if mode == "auto":  # accelerate's "auto"/"balanced": spread evenly rather than fill GPU 0 first

@@ -19,6 +19,7 @@ from torch import nn
 
 from quantkit import attention
 from quantkit.errors import InputError
+from quantkit.patches import Patches, of_model
 from quantkit.recipe import ProtectSpec
 
 HALF = (torch.float16, torch.bfloat16)
@@ -251,12 +252,13 @@ def _model_namespaces(model: nn.Module) -> list[types.ModuleType]:
     return list(seen.values())
 
 
-def _wrap_global(mod: types.ModuleType, attr: str) -> bool:
+def _wrap_global(mod: types.ModuleType, attr: str, changes: Patches) -> bool:
+    """Replace the module-level function `mod.attr` by its FP32 wrapper while `changes` (or another
+    model's) holds it: a modeling file's globals are shared by every model of that family."""
     fn = getattr(mod, attr, None)
     if not callable(fn) or isinstance(fn, type):
         return False
-    if getattr(fn, _FN_FLAG, None) is None:
-        setattr(mod, attr, fp32_function(fn))
+    changes.set_attr(mod, attr, fp32_function(fn))
     return True
 
 
@@ -278,7 +280,7 @@ def import_installed(name: str) -> types.ModuleType:
         sys.path[:] = saved
 
 
-def _protect_function(spec: str, namespaces: list[types.ModuleType]) -> Protection:
+def _protect_function(spec: str, namespaces: list[types.ModuleType], changes: Patches) -> Protection:
     target, _, attr = spec.rpartition(":")
     try:
         mod = import_installed(target)
@@ -288,12 +290,12 @@ def _protect_function(spec: str, namespaces: list[types.ModuleType]) -> Protecti
     if fn is None or not callable(fn):
         raise InputError(f"protect.functions: {spec!r}: {target} has no function {attr!r}")
     original = getattr(fn, _FN_FLAG, None) or fn
-    _wrap_global(mod, attr)
+    _wrap_global(mod, attr, changes)
     # `from pkg.mod import fn` elsewhere bound the original under its own name: rebind those too.
     for ns in namespaces:
         for key, value in list(vars(ns).items()):
             if value is original:
-                setattr(ns, key, getattr(mod, attr))
+                changes.set_attr(ns, key, getattr(mod, attr))
     return Protection(spec, "custom", "function", "declared in protect.functions: arguments upcast to FP32, "
                       "outputs cast back")
 
@@ -343,6 +345,7 @@ def protect_model(model: nn.Module, spec: ProtectSpec) -> list[Protection]:
     cast to its run dtype (or before: its guards then keep full-precision FP32 weights) and before
     mtq.quantize / convert_attention; re-run it identically before mto.restore."""
     ops = set(spec.enabled_ops())
+    changes = of_model(model)
     user = _user_classes(spec.modules)
     out: list[Protection] = []
     inside_custom: list[str] = []
@@ -371,17 +374,17 @@ def protect_model(model: nn.Module, spec: ProtectSpec) -> list[Protection]:
         for ns in namespaces:
             for attr, value in sorted(vars(ns).items()):
                 if _ROPE_FUNCTION.match(attr) and callable(value) and not isinstance(value, type):
-                    if _wrap_global(ns, attr):
+                    if _wrap_global(ns, attr, changes):
                         out.append(Protection(f"{ns.__name__}:{attr}", "rope", "function",
                                               "rotation applied in FP32 (q, k, cos, sin upcast), results cast back"))
     for fn_spec in spec.functions:
-        out.append(_protect_function(fn_spec, namespaces))
+        out.append(_protect_function(fn_spec, namespaces, changes))
 
     if "softmax" in ops:
         for site in attention.attention_sites(model):
             if site.kind is None or any(site.name.startswith(p) for p in inside_custom):
                 continue
-            attention.route(site, fp32_softmax=True)
+            attention.route(site, changes, fp32_softmax=True)
             out.append(Protection(site.name, "softmax", site.module_class,
                                   f"{attention.describe_route(site)}; softmax computed as Cast(FLOAT) -> Softmax -> "
                                   "Cast back (FP32 inputs without quantizers keep the original kernel)"))

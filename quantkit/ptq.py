@@ -63,15 +63,18 @@ def _needs_cuda_nvfp4(plan: Plan) -> bool:
     return any(Precision.NVFP4 in (r.weights, r.activations) for r in plan.layers)
 
 
-def enable_cpu_nvfp4_if_needed(plan: Plan, device: torch.device) -> None:
-    """ModelOpt's NVFP4 fake-quant needs CUDA; on the CPU quantkit supplies the same arithmetic."""
+def enable_cpu_nvfp4_if_needed(model: nn.Module, plan: Plan, device: torch.device) -> None:
+    """ModelOpt's NVFP4 fake-quant needs CUDA; on the CPU quantkit supplies the same arithmetic (routed
+    for as long as `model`'s changes hold it: quantkit.patches)."""
     if device.type == "cpu" and _needs_cuda_nvfp4(plan):
         try:
             from quantkit import nvfp4_cpu
         except ImportError:
             raise QuantkitError("NVFP4 on the CPU is not available in this build; run on a CUDA device "
                                 "(--device cuda) or pick a recipe without nvfp4 (e.g. fp8)") from None
-        nvfp4_cpu.install()
+        from quantkit.patches import of_model
+
+        nvfp4_cpu.install(of_model(model))
 
 
 def move_model(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -135,12 +138,6 @@ def prepare(loaded: LoadedModel, recipe: Recipe, dtype: str = "fp32", device: to
             plan.warnings.append(f"attention {c.name} ({c.module_class}) was not converted: {c.reason}; "
                                  "its matmuls stay unquantized")
     return plan
-
-
-def plan_for(recipe_spec: str, model_spec: str | None, dtype: str | None = None, strict: bool = False) -> Plan:
-    recipe = load_recipe(recipe_spec)
-    loaded = load_model(model_spec)
-    return prepare(loaded, recipe, dtype or "fp32", "cpu", strict=strict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,14 +238,44 @@ def quantizer_counts(model: nn.Module) -> dict[str, int]:
 
 @dataclasses.dataclass
 class QuantizeResult:
+    """What `quantize` made: the quantized model (in `loaded`), its plan and its report.json content.
+    Truthy when the accuracy gate passed."""
+
     loaded: LoadedModel
     recipe: Recipe
     plan: Plan
     report: dict[str, Any]
+    heldout: Any = None  # the samples the report's metrics were measured on (None: none)
+    fp32_outputs: list | None = None  # the FP32 model's outputs per batch of `heldout`
 
     @property
     def passed(self) -> bool:
         return bool(self.report.get("passed"))
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+class LoopCalibration:
+    """Calibration through the caller's own `forward_loop(model)` (as `mtq.quantize` takes it).
+
+    quantkit cannot hold samples out of a loop, so the evaluation runs on `heldout` (a CalibrationSet,
+    e.g. of the example inputs) when there is one, else the report says nothing was measured."""
+
+    synthetic = False
+
+    def __init__(self, loop: Callable[[nn.Module], Any], heldout=None):
+        self.loop, self.heldout = loop, heldout
+
+    def __len__(self) -> int:
+        return 0
+
+    def forward_loop(self, **_: Any) -> Callable[[nn.Module], Any]:
+        return self.loop
+
+    def info(self) -> dict[str, Any]:
+        name = getattr(self.loop, "__qualname__", type(self.loop).__name__)
+        return {"source": f"forward_loop {name} (Python)", "synthetic": False, "path": None}
 
 
 def _check_quantizers_reached(model: nn.Module, plan: Plan) -> list[str]:
@@ -263,6 +290,7 @@ def _check_quantizers_reached(model: nn.Module, plan: Plan) -> list[str]:
 
 
 def finish_histogram_calibration(model: nn.Module, plan: Plan) -> None:
+    from quantkit.compat import modelopt as modelopt_compat
     from quantkit.modelopt_config import histogram_calibrated_quantizers
 
     methods = histogram_calibrated_quantizers(plan)
@@ -271,7 +299,7 @@ def finish_histogram_calibration(model: nn.Module, plan: Plan) -> None:
     modules = dict(model.named_modules())
     for qname, method in methods.items():
         q = modules.get(qname)
-        if q is None or getattr(q, "_calibrator", None) is None:
+        if q is None or modelopt_compat.calibrator(q) is None:
             continue
         kwargs = {"percentile": 99.99} if method == "percentile" else {}
         q.load_calib_amax(method, **kwargs)
@@ -345,7 +373,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
     plan = prepare(loaded, recipe, dtype, device, strict=strict)
     if not allow_nothing:
         _check_something_is_quantized(plan, recipe, loaded.spec)
-    enable_cpu_nvfp4_if_needed(plan, device)
+    enable_cpu_nvfp4_if_needed(loaded.model, plan, device)
     config = build_quant_config(plan)
     if data_parallel is not None:
         from quantkit.distributed import check_plan
@@ -388,15 +416,18 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
     require_positive("--batch-size", batch_size)
     device = torch.device(device)
     batch_size = batch_size or recipe.calibration.batch_size
-    calib_part, heldout = split_calibration(calibration, recipe)
+    if isinstance(calibration, LoopCalibration):
+        calib_part, heldout = calibration, calibration.heldout
+    else:
+        calib_part, heldout = split_calibration(calibration, recipe)
     timings: dict[str, float] = {}
 
     # The FP32 reference: the untouched model, before anything is converted.
     t0 = time.perf_counter()
     move_model(loaded.model, device, torch.float32)
-    if reference is None:
+    if reference is None and heldout is not None:
         reference = run_outputs(loaded, loaded.model, heldout, batch_size, device, "fp32", "reference (fp32)")
-    reference_model = copy.deepcopy(loaded.model) if per_layer else None
+    reference_model = copy.deepcopy(loaded.model) if per_layer and heldout is not None else None
     if reference_model is not None:
         from quantkit import multihead
 
@@ -410,8 +441,9 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
 
     t0 = time.perf_counter()
     model = loaded.model
-    candidate = run_outputs(loaded, model, heldout, batch_size, device, dtype, "evaluate (quantized)")
-    metrics = compare_runs(reference, candidate)
+    candidate = (run_outputs(loaded, model, heldout, batch_size, device, dtype, "evaluate (quantized)")
+                 if heldout is not None else [])
+    metrics = compare_runs(reference, candidate) if heldout is not None else {}
     layers = []
     if reference_model is not None:
         layers = per_layer_error(reference_model, model, heldout, plan.layers, batch_size, device,
@@ -419,9 +451,10 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
         del reference_model
     timings["evaluate_s"] = time.perf_counter() - t0
     report = build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics,
-                          error_histograms(reference, candidate), timings, dtype, device)
+                          error_histograms(reference, candidate) if heldout is not None else {}, timings,
+                          dtype, device)
     report["per_layer"] = layers
-    return QuantizeResult(loaded, recipe, plan, report)
+    return QuantizeResult(loaded, recipe, plan, report, heldout, reference)
 
 
 def build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics, histograms, timings,
@@ -433,7 +466,11 @@ def build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, 
     for name, m in metrics.items():
         failures += m.failures(thresholds, label=f"fake-quant/{name}")
     info = dict(calibration.info())
-    info.update(samples_total=len(calibration), calibration_samples=len(calib_part), heldout_samples=len(heldout))
+    info.update(samples_total=len(calibration), calibration_samples=len(calib_part),
+                heldout_samples=len(heldout) if heldout is not None else 0)
+    if not metrics:  # nothing held out (a forward_loop without example inputs): no gate can pass
+        failures.append("not measured: no held-out samples to compare with the FP32 model (pass example_inputs "
+                        "or calibration batches)")
     warnings = list(plan.warnings)
     if info.get("synthetic"):
         warnings.insert(0, "calibrated on SYNTHETIC data (--synthetic): accuracy numbers do not reflect real inputs")
@@ -472,11 +509,7 @@ def save_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str) -> 
 
     # The gate is written out resolved: a later quantkit with other default thresholds must not
     # change this folder's verdict (`compare` judges by the saved recipe).
-    recipe = result.recipe
-    if recipe.thresholds.cosine_min is None:
-        recipe = recipe.model_copy(update={"thresholds": recipe.thresholds.model_copy(
-            update={"cosine_min": recipe.default_cosine_min()})})
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    atomic_write_text(out / "recipe.yaml", result.recipe.resolved().to_yaml())
     atomic_write_json(out / "plan.json", result.plan.to_dict())
     atomic_write_json(out / RUN_FILE, {"model": model_spec, "dtype": dtype, "recipe": "recipe.yaml",
                                        "input_names": result.loaded.input_names,
@@ -578,11 +611,13 @@ def _quiet_stdout():
 
 
 def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu", *, model: str | None = None,
-                   trust_model_code: bool | None = None) -> QuantizedRun:
+                   trust_model_code: bool | None = None, loaded: LoadedModel | None = None) -> QuantizedRun:
     """Rebuild a `quantize` output folder's model: same model, same preparation, ModelOpt state restored.
 
     A code spec (`module:function`, `file.py:function`) in run.json is imported only with `model`
-    given again or `trust_model_code` (default: what the enclosing `model_trust` block says)."""
+    given again or `trust_model_code` (default: what the enclosing `model_trust` block says).
+    `loaded` is a fresh, unquantized copy of the model instead (a model quantized from Python: run.json
+    then says `python:<class>`)."""
     out_dir = Path(out_dir)
     run_file = out_dir / RUN_FILE
     if not run_file.is_file() or not (out_dir / STATE_FILE).is_file():
@@ -593,11 +628,17 @@ def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu", *, m
     trust_model_code = scoped_trust if trust_model_code is None else trust_model_code
     run = read_run_record(out_dir)
     recipe = load_recipe(out_dir / "recipe.yaml")
-    spec = run_model_spec(out_dir, run["model"], model, trust_model_code)
-    loaded = load_model(spec)
+    if loaded is None:
+        if str(run["model"]).startswith(PYTHON_SPEC) and not model:
+            raise InputError(f"{out_dir}: the model ({run['model']}) was quantized from Python; pass a fresh instance "
+                             "of it: quantkit.load(folder, model=...)")
+        spec = run_model_spec(out_dir, run["model"], model, trust_model_code)
+        loaded = load_model(spec)
+    else:
+        spec = loaded.spec
     device = torch.device(device)
     plan = prepare(loaded, recipe, run["dtype"], device)
-    enable_cpu_nvfp4_if_needed(plan, device)
+    enable_cpu_nvfp4_if_needed(loaded.model, plan, device)
     restore_state(loaded.model, out_dir / STATE_FILE, spec)
     loaded.model.to(device)
     report = {}
@@ -611,6 +652,9 @@ def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu", *, m
 
 # ---------------------------------------------------------------------------------------------
 # CLI glue (called by quantkit.cli)
+
+
+PYTHON_SPEC = "python:"  # run.json's model spec for a model handed to quantkit.quantize as an object
 
 
 def _default_out(recipe: str, model: str | None) -> Path:
@@ -675,47 +719,6 @@ def write_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str, *,
         save_run(result, tmp, model_spec, dtype)
     show_result(result, target, kept=out if target != out else None)
     return target
-
-
-def quantize_cli(args) -> QuantizeResult:
-    from quantkit.errors import require_positive
-    from quantkit.outdir import output_lock
-
-    require_positive("--max-samples", args.max_samples)
-    require_positive("--batch-size", args.batch_size)
-    out = output_folder(args)
-    force = bool(getattr(args, "force", False))
-    check_quantize_output(out, args.calib, force)
-    with output_lock(out):  # held from the first check to the last write: a second run into OUT exits 2
-        return _quantize_into(args, out, force)
-
-
-def _quantize_into(args, out: Path, force: bool) -> QuantizeResult:
-    recipe = load_recipe(args.recipe)
-    device = resolve_device(args.device)
-    dtype = args.dtype or "fp32"
-    console.info(f"recipe {recipe.name} ({recipe.source}) · model {args.model or 'minilm'} · {dtype} on {device}")
-    loaded = load_model(args.model)
-    placement = None
-    if getattr(args, "device_map", None):
-        from quantkit import placement as placement_mod
-
-        placement = placement_mod.dispatch(loaded.model, args.device_map, device,
-                                           placement_mod.parse_max_memory(getattr(args, "max_memory", None)))
-        device = torch.device(placement.main_device)
-        console.info(f"placed over {', '.join(placement.bytes_per_device)} ({args.device_map})")
-    calibration = open_calibration(loaded, args.calib, args.synthetic, args.max_samples or recipe.calibration.max_samples)
-    console.info(calibration_summary(calibration))
-    from quantkit.placement import is_dispatched
-
-    # per_layer keeps an FP32 copy of the model: not for one placed over several GPUs.
-    result = quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=args.batch_size,
-                      strict=args.strict, per_layer=not is_dispatched(loaded.model))
-    if placement is not None:
-        result.report["placement"] = placement.to_dict()
-    # Staged only now: a run that fails or is killed while calibrating leaves nothing on disk.
-    write_run(result, out, loaded.spec, dtype, force=force, protect=[args.calib])
-    return result
 
 
 def show_result(result: QuantizeResult, out: Path, kept: Path | None = None) -> None:

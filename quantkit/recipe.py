@@ -477,13 +477,23 @@ class Recipe(_Strict):
             return 0.99
         return 0.999
 
+    def resolved(self) -> "Recipe":
+        """This recipe with its accuracy gate written out (`default_cosine_min` when it sets none):
+        what a run folder's recipe.yaml holds, so a later quantkit with other defaults keeps its verdict."""
+        if self.thresholds.cosine_min is not None:
+            return self
+        return self.model_copy(update={"thresholds": self.thresholds.model_copy(
+            update={"cosine_min": self.default_cosine_min()})})
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude={"source"}, exclude_none=True)
         data.pop("extends", None)  # resolved: parents are merged in
         return yaml.safe_dump(data, sort_keys=False)
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+        """The recipe's hash: sha256 of the resolved recipe's YAML, i.e. of recipe.yaml's bytes as a run
+        writes them. report.json, plan.json and engine.json (which hashes the file) all carry this one."""
+        return hashlib.sha256(self.resolved().to_yaml().encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

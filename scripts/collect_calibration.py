@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Collect real calibration data for quantkit: the inputs a model (or one submodule) sees on real data.
 
-Same as `quantkit collect`; the logic lives in quantkit/collect.py. Examples:
+Same as `quantkit collect` (quantkit/collect.py does the work, quantkit/cli.py parses). Examples:
 
     python scripts/collect_calibration.py --out calib/minilm                      # built-in model, text-en
     python scripts/collect_calibration.py --model my_pkg.pipe:load --module denoiser \\
@@ -16,8 +16,8 @@ from pathlib import Path
 
 if __name__ == "__main__":
     try:
-        from quantkit.collect import main
+        from quantkit.cli import main
     except ImportError:  # run from a checkout without installing
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from quantkit.collect import main
-    sys.exit(main())
+        from quantkit.cli import main
+    sys.exit(main(["collect", *sys.argv[1:]]))

@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from quantkit.calib import MANIFEST, CalibrationSet, builtin_set
-from quantkit.collect import main
+from quantkit.cli import main as cli_main
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["collect", *argv])
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "collect_calibration.py"

@@ -203,12 +203,14 @@ def test_nproc_bad_combinations_exit_2(capsys, tmp_path):
 
 
 def test_launcher_passes_the_same_options_to_the_ranks():
-    from quantkit.launch import _argv_from_args
+    from quantkit.launch import rank_argv
 
     argv = ["quantize", "--recipe", "fp8", "--model", SPEC, "--max-samples", "16", "--batch-size", "2", "--strict",
-            "-q", "--nproc", "2", "--out", "x"]
+            "-q", "--nproc", "2", "--out", "x", "--device=cpu"]
     args = cli.build_parser().parse_args(argv)
-    again = cli.build_parser().parse_args(["quantize", *_argv_from_args(args, drop={"nproc"})])
+    ranks = rank_argv(argv[1:], {"--nproc", "--device"})
+    assert ranks == argv[1:11] + ["--out", "x"]  # the user's own words, --nproc and --device taken out
+    again = cli.build_parser().parse_args(["quantize", *ranks, "--device", "cpu"])
     assert {k: v for k, v in vars(again).items() if k not in ("nproc", "func")} == \
            {k: v for k, v in vars(args).items() if k not in ("nproc", "func")}
     assert again.nproc is None

@@ -341,7 +341,7 @@ class SetWriter:
             raise CalibrationError(f"{folder}: already holds a calibration set")
         folder.mkdir(parents=True, exist_ok=True)
         now = _now()
-        from quantkit import __version__
+        from quantkit.version import __version__
 
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "quantkit_version": __version__,
                     "created": now, "updated": now, "complete": False, "synthetic": False,

@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 
 def calibration_dir() -> Path:
     """calibration/ of a checkout, else the `quantkit.calibration` data package of a wheel."""
-    import quantkit
-
-    root = Path(quantkit.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # quantkit/calib/sources.py -> the checkout
     if (root / "calibration").is_dir() and (root / "pyproject.toml").is_file():
         return root / "calibration"
     # A data package without __init__.py is a namespace package: resources.files() gives a

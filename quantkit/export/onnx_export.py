@@ -28,6 +28,7 @@ from torch import nn
 
 from quantkit import console
 from quantkit.errors import ExportError, InputError
+from quantkit.compat.modelopt import EXPORTER_NAME
 from quantkit.export.graph import MODULE_NAMES_KEY, SCOPE_PREFIX_KEY, dtype_name
 from quantkit.export.surgery import SurgeryLog, prepare_for_tensorrt, set_metadata
 from quantkit.recipe import Precision
@@ -50,13 +51,19 @@ _WRAPPER_ATTR = "model"
 
 @dataclasses.dataclass
 class ExportResult:
-    """What `export_run` wrote: the graph's path and the export.json content."""
+    """What `export_run` wrote: the graph's path and the export.json content, and (from
+    `quantkit.QuantizedModel.export`) the precision audit and the ONNX Runtime reference of the graph.
+    Truthy when the audit is clean (an export without an audit is not vouched for)."""
 
     out_dir: Path
     onnx_path: Path
     info: dict[str, Any]
     surgery: SurgeryLog
     audit: Any = None  # the PrecisionAudit of the graph, when export_run(audit=True)
+    reference: Any = None  # verify.reference.ReferenceResult (quantkit.QuantizedModel.export)
+
+    def __bool__(self) -> bool:
+        return self.audit is not None and bool(self.audit)
 
     @property
     def external_data(self) -> bool:
@@ -224,61 +231,32 @@ def _quiet_exporter():
 
 
 def _is_fp8(quantizer: Any) -> bool:
-    return (getattr(quantizer, "is_enabled", False) and getattr(quantizer, "_num_bits", None) == (4, 3)
-            and not getattr(quantizer, "block_sizes", None))
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return (isinstance(quantizer, TensorQuantizer) and quantizer.is_enabled and quantizer.num_bits == (4, 3)
+            and not quantizer.block_sizes)
 
 
-@contextlib.contextmanager
 def _fp8_export_fixes(model: nn.Module):
-    """Two corrections to ModelOpt 0.47's FP8 export, for the duration of one export.
+    """ModelOpt's FP8 post-processing, run for models whose only FP8 quantizers are quantkit's
+    attention-matmul ones, and kept off the Convs the plan leaves unquantized (compat.modelopt)."""
+    from quantkit.compat.modelopt import fp8_export_fixes
 
-    ModelOpt runs its FP8 post-processing (TRT_FP8 custom ops -> standard Q/DQ) only when some layer
-    has FP8 weight *and* input quantizers; a model whose only FP8 quantizers are quantkit's
-    attention-matmul ones would keep custom ops that nothing but TensorRT runs. And that
-    post-processing gives every Conv weight FP8 Q/DQ, also the Convs the plan leaves unquantized:
-    here only the Convs whose weight quantizer is on (the ones ModelOpt switched off to export) get it
-    (a Conv with a BatchNorm folded in by the exporter is not one of them).
-    """
-    from modelopt.onnx.export.fp8_exporter import FP8QuantExporter
-    from modelopt.torch._deploy.utils import torch_onnx
-
-    own_check = torch_onnx.is_fp8_quantized
-    own_conv = FP8QuantExporter.__dict__["_quantize_conv_weights_to_fp8"]
     any_fp8 = any(_is_fp8(m) for m in model.modules())
     convs = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
     # The exporter names a Conv's weight initializer after the parameter, except where it folded a
     # BatchNorm into the Conv (new weights, new name): only the named weights of quantized Convs get Q/DQ.
     quantized = {f"{name}.weight" for name, m in convs.items()
                  if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
-
-    def is_fp8_quantized(m: nn.Module) -> bool:
-        return own_check(m) or any_fp8
-
-    def quantize_conv_weights_to_fp8(graph) -> int:
-        hidden = [n for n in graph.nodes if n.op == "Conv" and len(n.inputs) > 1 and n.inputs[1].name not in quantized]
-        for n in hidden:
-            n.op = "Conv:not-quantized"  # skipped by ModelOpt's `node.op != "Conv"` test
-        try:
-            return own_conv.__func__(graph)
-        finally:
-            for n in hidden:
-                n.op = "Conv"
-
-    torch_onnx.is_fp8_quantized = is_fp8_quantized
-    FP8QuantExporter._quantize_conv_weights_to_fp8 = staticmethod(quantize_conv_weights_to_fp8)
-    try:
-        yield
-    finally:
-        torch_onnx.is_fp8_quantized = own_check
-        FP8QuantExporter._quantize_conv_weights_to_fp8 = own_conv
+    return fp8_export_fixes(any_fp8, quantized)
 
 
 def _modelopt_export(wrapper: nn.Module, args: tuple, opset: int, dynamic_axes: dict, weights_dtype: str,
                      workdir: Path) -> Path:
-    from modelopt.torch._deploy.utils import get_onnx_bytes_and_metadata
-    from modelopt.torch._deploy.utils.torch_onnx import OnnxBytes
-
+    from quantkit.compat.modelopt import onnx_exporter
     from quantkit.export.symbolics import patched_symbolics
+
+    get_onnx_bytes_and_metadata, OnnxBytes = onnx_exporter()
 
     with patched_symbolics(), _fp8_export_fixes(wrapper), _quiet_exporter():
         onnx_bytes, _ = get_onnx_bytes_and_metadata(wrapper, args, model_name="model", dynamic_axes=dynamic_axes,
@@ -460,14 +438,16 @@ def _example_inputs(run) -> dict[str, torch.Tensor]:
 def export_run(out_dir: str | os.PathLike, dynamic_axes: dict[str, dict[int, str]] | None = None,
                opset: int | None = None, *, device: str = "cpu", weights_dtype: str | None = None,
                force_external_data: bool = False, audit: bool = False, model: str | None = None,
-               trust_model_code: bool | None = None) -> ExportResult:
+               trust_model_code: bool | None = None, run=None) -> ExportResult:
     """Export the quantized model of a `quantize` output folder to OUT/model.onnx and OUT/export.json
     (and, with `audit`, OUT/audit.json), all three replaced together or not at all.
 
     `model` / `trust_model_code`: see quantkit.ptq.load_quantized (a code spec in run.json is not run
     otherwise).
     dynamic_axes and opset override the recipe's `export:` section (itself defaulting to batch and
-    sequence axes and the lowest opset the recipe's formats need)."""
+    sequence axes and the lowest opset the recipe's formats need). `run` (a ptq.QuantizedRun) is the
+    quantized model already in memory (quantkit.QuantizedModel.export); without it the folder's model
+    is rebuilt on `device`."""
     from quantkit.outdir import OutputFolder
     from quantkit.ptq import RUN_FILE, STATE_FILE, model_trust
 
@@ -482,7 +462,7 @@ def export_run(out_dir: str | os.PathLike, dynamic_axes: dict[str, dict[int, str
         for name in (ONNX_NAME, DATA_NAME, EXPORT_JSON, AUDIT_JSON):
             (staging / name).unlink(missing_ok=True)  # nothing of the previous export survives half-replaced
         result = _export_into(staging, dynamic_axes, opset, device=device, weights_dtype=weights_dtype,
-                              force_external_data=force_external_data)
+                              force_external_data=force_external_data, run=run)
         if audit:
             from quantkit.export.audit import audit as audit_graph, read_plan, write_audit
 
@@ -496,13 +476,13 @@ def export_run(out_dir: str | os.PathLike, dynamic_axes: dict[str, dict[int, str
 
 
 def _export_into(out_dir: Path, dynamic_axes, opset, *, device: str, weights_dtype: str | None,
-                 force_external_data: bool) -> ExportResult:
+                 force_external_data: bool, run=None) -> ExportResult:
     from quantkit.trt_requirements import format_version, min_tensorrt_version
     from quantkit.outdir import atomic_write_json
     from quantkit.ptq import load_quantized
 
     t0 = time.perf_counter()
-    run = load_quantized(out_dir, device)
+    run = run if run is not None else load_quantized(out_dir, device)
     loaded, recipe, plan = run.loaded, run.recipe, run.plan
     spec = recipe.export
     example = _example_inputs(run)
@@ -549,7 +529,7 @@ def _export_into(out_dir: Path, dynamic_axes, opset, *, device: str, weights_dty
         "files": files,
         "size_bytes": sum(files.values()),
         "surgery": surgery.to_dict(),
-        "exporter": {"path": "modelopt.torch._deploy.utils.get_onnx_bytes_and_metadata (TorchScript)",
+        "exporter": {"path": EXPORTER_NAME,
                      "versions": _versions()},
         "export_s": round(time.perf_counter() - t0, 2),
     }

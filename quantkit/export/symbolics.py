@@ -21,17 +21,13 @@ _FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
 def _helpers():
-    try:  # torch >= 2.9 moved the TorchScript exporter under _internal
-        from torch.onnx._internal.torchscript_exporter import _type_utils, symbolic_helper
-        from torch.onnx._internal.torchscript_exporter.symbolic_opset14 import _causal_attention_mask
-    except ImportError:  # pragma: no cover - older torch
-        from torch.onnx import _type_utils, symbolic_helper
-        from torch.onnx.symbolic_opset14 import _causal_attention_mask
-    return _type_utils, symbolic_helper, _causal_attention_mask
+    from quantkit.compat.torch_onnx import symbolic_helpers
+
+    return symbolic_helpers()
 
 
 def _sdpa(g, *args):
-    _, sym, _ = _helpers()
+    sym = _helpers()
     # The same argument parsing as torch's own symbolic: flags arrive as constant graph values.
     return sym.parse_args("v", "v", "v", "v", "f", "b", "v", "b")(_sdpa_impl)(g, *args)
 
@@ -43,18 +39,18 @@ def _sdpa_impl(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     what PyTorch's fused CPU and CUDA kernels do internally; the exported graph then computes what
     the PyTorch model computed instead of an FP16 softmax that PyTorch never ran.
     """
-    _type_utils, sym, causal_mask = _helpers()
+    sym = _helpers()
     if enable_gqa:
         raise RuntimeError("scaled_dot_product_attention(enable_gqa=True) has no ONNX export here; "
                            "repeat the key/value heads before calling it")
-    qtype = _type_utils.JitScalarType.from_value(query)
+    qtype = sym.JitScalarType.from_value(query)
     tdtype = qtype.dtype()
     onnx_type = qtype.onnx_type()
     low_precision = tdtype in (torch.float16, torch.bfloat16)
 
-    scale_value = None if sym._is_none(scale) else sym._maybe_get_const(scale, "f")
+    scale_value = None if sym.is_none(scale) else sym.maybe_get_const(scale, "f")
     if scale_value is None or not isinstance(scale_value, float):
-        if sym._is_none(scale):
+        if sym.is_none(scale):
             shape = g.op("Shape", query)
             last = g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([-1])),
                         g.op("Constant", value_t=torch.tensor([2**62])))
@@ -66,7 +62,7 @@ def _sdpa_impl(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     else:
         sqrt_scale = g.op("Constant", value_t=torch.tensor(math.sqrt(scale_value), dtype=tdtype))
 
-    rank = sym._get_tensor_rank(key)
+    rank = sym.tensor_rank(key)
     perm = list(range(rank))
     perm[-1], perm[-2] = perm[-2], perm[-1]
     key_t = g.op("Transpose", key, perm_i=perm)
@@ -74,11 +70,11 @@ def _sdpa_impl(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     if low_precision:
         scores = g.op("Cast", scores, to_i=_FLOAT)
     if is_causal:
-        attn_mask = causal_mask(g, query, key)  # FP32 additive mask
+        attn_mask = sym.causal_attention_mask(g, query, key)  # FP32 additive mask
     guard_nan = False
-    if not sym._is_none(attn_mask):
-        mtype = _type_utils.JitScalarType.from_value(attn_mask)
-        if mtype == _type_utils.JitScalarType.BOOL:
+    if not sym.is_none(attn_mask):
+        mtype = sym.JitScalarType.from_value(attn_mask)
+        if mtype == sym.JitScalarType.BOOL:
             zero = g.op("Constant", value_t=torch.tensor([0.0]))
             neg_inf = g.op("Constant", value_t=torch.tensor([-math.inf]))
             attn_mask = g.op("Where", attn_mask, zero, neg_inf)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from quantkit.compat.modelopt import uses_constant_amax
 from quantkit.errors import InputError
 from quantkit.model_structure import repeated_blocks
 
@@ -214,7 +215,7 @@ def _fp8_per_tensor_reason(q: Any, role: str) -> str | None:
         return f"{role} quantizer is affine (has a bias)"
     if getattr(q, "rotate_is_enabled", False):
         return f"{role} quantizer rotates its input"
-    if getattr(q, "_use_constant_amax", False):
+    if uses_constant_amax(q):
         return None
     amax = getattr(q, "amax", None)
     if amax is None:
@@ -227,7 +228,7 @@ def _fp8_per_tensor_reason(q: Any, role: str) -> str | None:
 
 
 def _amax(q: Any) -> torch.Tensor:
-    if getattr(q, "_use_constant_amax", False):
+    if uses_constant_amax(q):
         return torch.tensor(FP8_MAX)
     return q.amax
 

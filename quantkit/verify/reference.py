@@ -89,8 +89,13 @@ def named_inputs(loaded, args, kwargs) -> dict[str, torch.Tensor]:
 
 
 def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_size: int | None = None,
-                  onnx_path: str | Path | None = None, update_report: bool = True) -> ReferenceResult:
-    """Run OUT/model.onnx on ONNX Runtime over the held-out samples and compare (see module docstring)."""
+                  onnx_path: str | Path | None = None, update_report: bool = True, run=None, heldout=None,
+                  fp32_outputs: list | None = None) -> ReferenceResult:
+    """Run OUT/model.onnx on ONNX Runtime over the held-out samples and compare (see module docstring).
+
+    `run` (a ptq.QuantizedRun), `heldout` (a CalibrationSet) and `fp32_outputs` (the FP32 model's
+    named outputs per batch of `heldout`, as `quantize` measured them) are what is already in memory;
+    each left out is rebuilt from the folder."""
     from tqdm.auto import tqdm
 
     import onnx
@@ -107,24 +112,28 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: not found; run `quantkit export --from {out_dir}` first")
     t0 = time.perf_counter()
-    run = load_quantized(out_dir, "cpu")
-    heldout = heldout_samples(run)
+    run = run if run is not None else load_quantized(out_dir, "cpu")
+    heldout = heldout if heldout is not None else heldout_samples(run)
     if max_samples and len(heldout) > max_samples:
         heldout = heldout.subset(range(max_samples))
     batch_size = batch_size or run.recipe.calibration.batch_size
-    reference = load_model(run.loaded.spec)
-    reference.model.to(torch.float32).eval()
+    reference = None
+    if fp32_outputs is None:
+        reference = load_model(run.loaded.spec)
+        reference.model.to(torch.float32).eval()
     boundaries = find_boundaries(run.loaded.model, onnx.load(str(onnx_path), load_external_data=False))
     runner = verification_runner(onnx_path, extra_outputs=boundaries.tensors if boundaries else None)
     vs_fp32, vs_fq, per_block = OutputsAccumulator(), OutputsAccumulator(), OutputsAccumulator()
     batches = list(heldout.batches(batch_size, device="cpu", dtype=DTYPES[run.dtype]))
     with torch.no_grad():
-        for args, kwargs in tqdm(batches, desc="onnxruntime reference", disable=console.is_quiet(), leave=False):
+        for i, (args, kwargs) in enumerate(tqdm(batches, desc="onnxruntime reference", disable=console.is_quiet(),
+                                                leave=False)):
             named = named_inputs(run.loaded, args, kwargs)
             fake = {k: v.float() for k, v in run.loaded.named_outputs(run.loaded.model(*args, **kwargs)).items()}
             fp32_args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
             fp32_kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
-            ref = {k: v.float() for k, v in reference.named_outputs(reference.model(*fp32_args, **fp32_kwargs)).items()}
+            ref = ({k: v.float() for k, v in fp32_outputs[i].items()} if reference is None else
+                   {k: v.float() for k, v in reference.named_outputs(reference.model(*fp32_args, **fp32_kwargs)).items()})
             graph_values = runner.run(named)
             ort = {k: v.float() for k, v in graph_values.items() if k in fake}
             vs_fq.update(fake, ort)

@@ -148,7 +148,7 @@ def build_engine(
         atomic_write_bytes(timing_cache, memoryview(result.timing_cache.serialize()))
         cache_path = timing_cache
 
-    from quantkit import __version__ as quantkit_version
+    from quantkit.version import __version__ as quantkit_version
 
     meta = EngineMetadata(
         engine_file=engine_path.name,

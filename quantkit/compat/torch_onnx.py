@@ -1,0 +1,39 @@
+"""torch.onnx internals quantkit relies on: the TorchScript exporter's symbolic helpers, which
+torch 2.9 moved under `torch.onnx._internal.torchscript_exporter`."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from quantkit.compat import CompatError, installed, require
+
+
+def torchscript_helpers() -> tuple[Any, Any, Any]:
+    """(_type_utils, symbolic_helper, _causal_attention_mask) of the TorchScript exporter."""
+    try:  # torch >= 2.9
+        from torch.onnx._internal.torchscript_exporter import _type_utils, symbolic_helper
+        from torch.onnx._internal.torchscript_exporter.symbolic_opset14 import _causal_attention_mask
+    except ImportError:
+        try:  # torch 2.8
+            from torch.onnx import _type_utils, symbolic_helper
+            from torch.onnx.symbolic_opset14 import _causal_attention_mask
+        except ImportError:
+            raise CompatError(f"torch {installed('torch')}: the TorchScript ONNX exporter's _type_utils, "
+                              "symbolic_helper and symbolic_opset14._causal_attention_mask are missing; quantkit "
+                              "supports torch >=2.8") from None
+    return _type_utils, symbolic_helper, _causal_attention_mask
+
+
+def symbolic_helpers() -> types.SimpleNamespace:
+    """What a TorchScript symbolic needs, under public names: parse_args, is_none, maybe_get_const,
+    tensor_rank, JitScalarType and causal_attention_mask (each checked to exist)."""
+    type_utils, sym, causal = torchscript_helpers()
+
+    def req(obj: Any, name: str) -> Any:
+        return require(obj, name, "torch", "torch.onnx symbolic_helper")
+
+    return types.SimpleNamespace(
+        parse_args=req(sym, "parse_args"), is_none=req(sym, "_is_none"), maybe_get_const=req(sym, "_maybe_get_const"),
+        tensor_rank=req(sym, "_get_tensor_rank"), JitScalarType=req(type_utils, "JitScalarType"),
+        causal_attention_mask=causal)

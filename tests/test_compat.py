@@ -205,9 +205,11 @@ def test_a_missing_internal_fails_naming_it_and_the_supported_versions():
     from quantkit.compat import CompatError
     from quantkit.compat import modelopt as modelopt_compat
 
-    class NotAQuantizer:
-        pass
+    from modelopt.torch.quantization.calib import MaxCalibrator
 
-    with pytest.raises(CompatError, match=r"nvidia-modelopt .*: TensorQuantizer\._calibrator is missing; .*"
-                                          r"supports nvidia-modelopt ==0\.47\.\*"):
-        modelopt_compat.calibrator(NotAQuantizer())
+    cal = MaxCalibrator(num_bits=8, axis=None)
+    assert modelopt_compat.calib_amax(cal) is None  # present in 0.47: read, not defaulted
+    del cal._calib_amax  # as in a ModelOpt that renamed it
+    with pytest.raises(CompatError, match=r"nvidia-modelopt .*: MaxCalibrator\._calib_amax is missing; quantkit "
+                                          r"relies on it and supports nvidia-modelopt ==0\.47\.\*"):
+        modelopt_compat.calib_amax(cal)

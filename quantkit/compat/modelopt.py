@@ -23,8 +23,16 @@ def _req(obj: Any, attr: str, owner: str | None = None) -> Any:
 # TensorQuantizer and its calibrator
 
 
+def _is_tensor_quantizer(obj: Any) -> bool:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return isinstance(obj, TensorQuantizer)
+
+
 def calibrator(quantizer: Any) -> Any:
-    """The quantizer's calibrator (None when it has none)."""
+    """The quantizer's calibrator (None when it has none, or is no TensorQuantizer)."""
+    if not _is_tensor_quantizer(quantizer):
+        return None
     return _req(quantizer, "_calibrator", "TensorQuantizer")
 
 
@@ -49,6 +57,8 @@ def set_calib_amax(cal: Any, value: Any) -> None:
 
 def uses_constant_amax(quantizer: Any) -> bool:
     """Quantizers ModelOpt gives a fixed amax (FP8 E4M3's 448) rather than a calibrated one."""
+    if not _is_tensor_quantizer(quantizer):
+        return False
     return bool(_req(quantizer, "_use_constant_amax", "TensorQuantizer"))
 
 

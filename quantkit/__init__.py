@@ -6,7 +6,25 @@ each stage a function in its own module (docs/architecture.md). The Python API i
 transformers or ModelOpt.
 """
 
+import sys
+import types
+
 from quantkit.api import QuantizedModel, QuantizeReport, collect, load, plan, quantize
 from quantkit.version import __version__
 
 __all__ = ["QuantizedModel", "QuantizeReport", "__version__", "collect", "load", "plan", "quantize"]
+
+
+class _Package(types.ModuleType):
+    """`quantkit.plan` and `quantkit.collect` are API functions, and also the names of the stage
+    modules quantkit/plan.py and quantkit/collect.py. Importing a submodule sets it as an attribute
+    of its package, which would replace the function; the functions stay (the modules are in
+    sys.modules, where `from quantkit.plan import Plan` finds them)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("plan", "collect") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -381,7 +381,9 @@ def collect(model: str | None, out: str | os.PathLike, *, data: str | None = Non
     calibration set folder `out` (shards + manifest); returns the set. Options as `quantkit collect`:
     field, split, runner, max_samples, batch_size, shard_size, resume, overwrite, synthetic, seed,
     device, dtype, progress."""
-    from quantkit import collect as collect_mod
+    import importlib
+
+    collect_mod = importlib.import_module("quantkit.collect")  # the module; quantkit.collect is this function
     from quantkit.calib import CalibrationSet
 
     collect_mod.collect(model, out, data=data, module=module, **options)

@@ -73,7 +73,7 @@ def is_quantkit_output(folder: Path) -> bool:
 
 
 def write_marker(folder: Path, kind: str) -> None:
-    from quantkit import __version__
+    from quantkit.version import __version__
 
     atomic_write_json(folder / MARKER, {"written_by": "quantkit", "kind": kind, "quantkit_version": __version__})
 

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import datetime
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable

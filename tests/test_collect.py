@@ -197,7 +197,7 @@ def test_collect_imports_without_torch_and_agrees_with_calib():
     import quantkit.calib
     import quantkit.collect
 
-    assert quantkit.collect.MANIFEST == quantkit.calib.MANIFEST
+    assert sys.modules["quantkit.collect"].MANIFEST == quantkit.calib.MANIFEST
     probe = "import sys, quantkit.collect; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], cwd=REPO).returncode == 0, "CLI registration pulls in torch"
 

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.pop("plan", None)
                 row.pop("audit_counts", None)
                 rows.append(row)
+                if args.json:  # written as the rows come: a long run leaves what it has done
+                    Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
                 print(f"  {family} {recipe}: quantize {row['quantize']} export {row.get('export', '-')} "
                       f"({row['seconds']} s)", file=sys.stderr, flush=True)
     header = ("family", "recipe", "quantize", "export", "cosine", "audit violations", "ORT worst", "basis", "s")
@@ -74,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {family}: {r['roles']}; protected: {', '.join(r['protections']) or 'none'}")
     print(f"{len(rows)} cases, {len(rows) - len(failures)} through quantize/export/audit, "
           f"{time.perf_counter() - t_all:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     return 0 if not failures else 1
 
 

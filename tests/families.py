@@ -316,6 +316,7 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
         return row
     report = json.loads(report_path.read_text())
     row["cosine"] = min(m["cosine"] for m in report["metrics"]["fake-quant"].values())
+    # The folder is ours: its model spec (this file) may run again.
     row["export"], row["export_message"] = _cli(["export", "--from", str(out_dir), "--trust-model-code", "-q"])
     audit_path = out_dir / "audit.json"
     if audit_path.is_file():

@@ -2,8 +2,9 @@
 
 Attention is routed through quantkit's own code path, chosen by what the module's forward calls:
 transformers attention modules (the attention interface) run their family's `eager_attention_forward`
-with torch.matmul and softmax intercepted; modules calling F.scaled_dot_product_attention get explicit
-matmuls instead; modules with a two-matmul eager attention get their matmuls intercepted;
+with torch.matmul and softmax intercepted; modules calling F.scaled_dot_product_attention (themselves,
+or through the processor their forward delegates to, as diffusers' Attention) get explicit matmuls
+instead; modules with a two-matmul eager attention get their matmuls intercepted;
 torch.nn.MultiheadAttention runs quantkit.multihead's forward (projections exposed as Linears). The
 quantizers (`q/k/v/p_bmm_quantizer`, ModelOpt's names) are created by `mtq.quantize` itself.
 """
@@ -34,6 +35,7 @@ ROLES = ("q", "k", "v", "p")
 SOFTMAX_FLAG = "_quantkit_softmax_fp32"  # instance attribute: compute this attention's softmax in FP32
 _ROUTED_FLAG = "_quantkit_routed"  # class attribute of the classes quantkit swaps in: "sdpa" | "eager" | "mha"
 _ORIGINAL_ATTN = "_quantkit_original_attn"  # config attribute: implementation to fall back to
+_CALLS = "_quantkit_calls"  # instance attribute: forwards run through a swapped-in class (0: never called)
 
 # The originals, taken before anything patches them.
 _matmul = torch.matmul
@@ -331,6 +333,32 @@ def _eager_ok(fn: Callable) -> str | None:
     return f"{where} does not compute attention as two matmuls around a softmax"
 
 
+def _calls_sdpa(fn: Callable, names: set[str]) -> bool:
+    """`fn` calls F.scaled_dot_product_attention (by that name, or a global bound to it)."""
+    glb = getattr(fn, "__globals__", {})
+    return "scaled_dot_product_attention" in names or any(glb.get(n) is _sdpa for n in names)
+
+
+def _processor_call(module: nn.Module) -> Callable | None:
+    """The attention processor's __call__ when the module's forward delegates to `self.processor(...)`
+    (diffusers' Attention: AttnProcessor2_0 calls F.scaled_dot_product_attention), else None."""
+    processor = getattr(module, "processor", None)
+    if processor is None or not callable(processor):
+        return None
+    forward = inspect.unwrap(original_class(module).forward)
+    code = getattr(forward, "__code__", None)
+    if code is None or "processor" not in code.co_names:
+        return None
+    call = getattr(type(processor), "__call__", None)
+    return inspect.unwrap(call) if call is not None else None
+
+
+def _processor_calls_sdpa(module: nn.Module) -> bool:
+    call = _processor_call(module)
+    code = getattr(call, "__code__", None)
+    return code is not None and _calls_sdpa(call, set(code.co_names))
+
+
 def _classify(module: nn.Module) -> tuple[str | None, str | None]:
     cls = original_class(module)
     routed = getattr(type(module), _ROUTED_FLAG, None)
@@ -348,8 +376,7 @@ def _classify(module: nn.Module) -> tuple[str | None, str | None]:
             return None, f"{cls.__module__} has no eager_attention_forward to run quantized"
         reason = _eager_ok(eager)
         return ("interface", None) if reason is None else (None, reason)
-    if "scaled_dot_product_attention" in names or any(
-            forward.__globals__.get(n) is _sdpa for n in names if hasattr(forward, "__globals__")):
+    if _calls_sdpa(forward, names) or _processor_calls_sdpa(module):
         return "sdpa", None
     if isinstance(module, nn.MultiheadAttention):
         return None, "torch.nn.MultiheadAttention whose projections were not exposed (quantkit.multihead)"
@@ -392,16 +419,23 @@ def _routed_class(cls: type, kind: str) -> type:
     original_forward = cls.forward
     if kind == "sdpa":
         def forward(self, *args, **kwargs):
+            setattr(self, _CALLS, getattr(self, _CALLS, 0) + 1)
             bound = functools.partial(explicit_sdpa, self)
             targets = [(torch.nn.functional, "scaled_dot_product_attention", bound)]
-            glb = getattr(inspect.unwrap(original_forward), "__globals__", {})
-            mod = sys.modules.get(cls.__module__)
-            for space in {id(glb): glb, id(getattr(mod, "__dict__", {})): getattr(mod, "__dict__", {})}.values():
+            spaces = [getattr(inspect.unwrap(original_forward), "__globals__", {}),
+                      getattr(sys.modules.get(cls.__module__), "__dict__", {})]
+            # A forward that delegates to self.processor(...) (diffusers): the processor's module too,
+            # looked up per call since set_processor may change it.
+            call = _processor_call(self)
+            if call is not None:
+                spaces.append(getattr(call, "__globals__", {}))
+            for space in {id(sp): sp for sp in spaces}.values():
                 targets += [(_DictSlot(space), n, bound) for n, v in list(space.items()) if v is _sdpa]
             with _patched(targets):
                 return original_forward(self, *args, **kwargs)
     else:
         def forward(self, *args, **kwargs):
+            setattr(self, _CALLS, getattr(self, _CALLS, 0) + 1)
             with attention_scope(self):
                 return original_forward(self, *args, **kwargs)
     routed = type(cls.__name__, (cls,), {"forward": forward, _ROUTED_FLAG: kind, "_quantkit_original": cls,
@@ -579,6 +613,8 @@ def verify_attention(model: nn.Module, conversions: list[AttentionConversion]) -
         if kind is None and transformers_compat.attn_implementation(config) != IMPLEMENTATION:
             problems.append(f"{c.name}: attention no longer runs through quantkit (implementation "
                             f"{transformers_compat.attn_implementation(config)!r}); its matmuls bypass the quantizers")
+        if kind in ("sdpa", "eager") and not getattr(module, _CALLS, 0):
+            continue  # the model never called it (a VAE decoder's unused encoder): nothing to calibrate
         for role, qname in c.quantizers.items():
             q = modules.get(qname)
             if q is None:

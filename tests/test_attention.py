@@ -237,7 +237,11 @@ def test_verify_reports_missing_disabled_uncalibrated():
         mtq.quantize(net, cfg, lambda m: m.masked(m.causal(x), bool_mask))
     problems = verify_attention(net, conversions)
     assert sum("causal." in p and "disabled" in p for p in problems) == 4
-    assert sum("eager." in p and "amax is None" in p for p in problems) == 4
+    # eager: the model never called it (as a VAE decoder's unused encoder): nothing to calibrate, no problem.
+    assert not any("eager." in p for p in problems)
+    with torch.no_grad():
+        net.eager(x)  # called now, but its quantizers still uncalibrated
+    assert sum("eager." in p and "amax is None" in p for p in verify_attention(net, conversions)) == 4
     assert not any("masked." in p for p in problems)
     ghost = [type(conversions[0])("ghost", "X", True, "quantkit", None, {"q": "ghost.q_bmm_quantizer"})]
     assert verify_attention(net, ghost) == ["ghost: attention module not found in the model"]
@@ -289,3 +293,35 @@ def test_fp8_attention_qdq_in_onnx():
     assert qdq_inputs[True] == 4, f"Q·Kᵀ and P·V inputs with Q/DQ: {qdq_inputs}"
     softmax = [n for n in graph.node if n.op_type == "Softmax"]
     assert len(softmax) == 1
+
+
+def test_diffusers_attention_processor_sdpa_routed():
+    """diffusers' Attention delegates to self.processor (AttnProcessor2_0 -> F.scaled_dot_product_attention
+    in diffusers' module): quantkit routes that call, only while the module's forward runs."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    sdpa_before = F.scaled_dot_product_attention
+    torch.manual_seed(0)
+    net = nn.Sequential(Attention(32, heads=4, dim_head=8), Attention(32, cross_attention_dim=16, heads=2,
+                                                                    dim_head=16)).eval()
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 5, 16)
+
+    def run(m):
+        return m[1](m[0](x), encoder_hidden_states=ctx)
+
+    with torch.no_grad():
+        ref = run(net)
+    assert [(s.name, s.kind) for s in attention_sites(net)] == [("0", "sdpa"), ("1", "sdpa")]
+    protect_model(net, ProtectSpec())
+    conversions = convert_attention(net, FP8_ATTN)
+    assert all(c.converted and set(c.quantizers) == {"q", "k", "v", "p"} for c in conversions)
+    with torch.no_grad():
+        mtq.quantize(net, quant_cfg(net, conversions, skip=("",)), run)
+        assert verify_attention(net, conversions) == []  # every bmm quantizer calibrated: the route ran
+        cos = cosine(run(net), ref)
+        assert 0.99 <= cos < 1.0, f"FP8 cosine {cos}"
+        set_quant(net, False)
+        diff = (run(net) - ref).abs().max().item()
+        assert diff <= 1e-5, f"explicit attention vs SDPA max diff {diff}"
+    assert F.scaled_dot_product_attention is sdpa_before  # nothing left patched after the forward

@@ -37,3 +37,18 @@ def symbolic_helpers() -> types.SimpleNamespace:
         parse_args=req(sym, "parse_args"), is_none=req(sym, "_is_none"), maybe_get_const=req(sym, "_maybe_get_const"),
         tensor_rank=req(sym, "_get_tensor_rank"), JitScalarType=req(type_utils, "JitScalarType"),
         causal_attention_mask=causal)
+
+
+def initializer_dedup_pass() -> tuple[Any, str]:
+    """(the namespace the TorchScript exporter calls `_jit_pass_onnx_deduplicate_initializers` on, that name).
+
+    The exporter calls it as `_C._jit_pass_onnx_deduplicate_initializers(graph, params, is_train)`: in eval
+    mode it merges initializers of equal value, in training mode only those sharing storage."""
+    try:  # torch >= 2.9
+        from torch.onnx._internal.torchscript_exporter import utils
+    except ImportError:
+        from torch.onnx import utils
+    name = "_jit_pass_onnx_deduplicate_initializers"
+    c = require(utils, "_C", "torch", "torch.onnx utils")
+    require(c, name, "torch", "torch._C")
+    return c, name

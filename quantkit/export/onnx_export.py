@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -230,6 +231,43 @@ def _quiet_exporter():
         log.debug("exporter: %s", line)
 
 
+@contextlib.contextmanager
+def _initializers_per_parameter():
+    """torch.onnx (TorchScript) merges initializers of equal value in eval mode: the deep-copied, identical
+    layers of an nn.TransformerEncoder share one, the others read it through an Identity, and ModelOpt's
+    NVFP4/INT4 weight passes (which look a quantized weight's initializer up by name) fail. Merging only
+    tensors that share storage (torch's training-mode rule) keeps each parameter its own initializer and
+    still gives tied weights one. Scoped to one export."""
+    from quantkit.compat.torch_onnx import initializer_dedup_pass
+
+    space, name = initializer_dedup_pass()
+    original = getattr(space, name)
+
+    def by_storage(graph, params_dict, is_train):
+        return original(graph, params_dict, True)
+
+    setattr(space, name, by_storage)
+    try:
+        yield
+    finally:
+        setattr(space, name, original)
+
+
+_MISSING_WEIGHT = re.compile(r"Initializer for weight '([^']+)' not found")
+
+
+def _exporter_failure(e: AssertionError) -> ExportError:
+    """ModelOpt's ONNX passes fail by assertion; one line naming the layer, and what to do."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    m = _MISSING_WEIGHT.search(msg)
+    if m:
+        layer = m.group(1).removeprefix("model.").removesuffix(".weight")
+        return ExportError(f"layer {layer}: ModelOpt's ONNX exporter found no weight initializer for it ({msg}); "
+                           f"its weight is not a plain parameter in the graph: skip the layer in the recipe "
+                           "(precision: skip) or choose a format without weight compression (fp8, fp16)")
+    return ExportError(f"ModelOpt's ONNX exporter failed: {msg}")
+
+
 def _is_fp8(quantizer: Any) -> bool:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -258,9 +296,13 @@ def _modelopt_export(wrapper: nn.Module, args: tuple, opset: int, dynamic_axes: 
 
     get_onnx_bytes_and_metadata, OnnxBytes = onnx_exporter()
 
-    with patched_symbolics(), _fp8_export_fixes(wrapper), _quiet_exporter():
-        onnx_bytes, _ = get_onnx_bytes_and_metadata(wrapper, args, model_name="model", dynamic_axes=dynamic_axes,
-                                                     onnx_opset=opset, weights_dtype=weights_dtype)
+    with patched_symbolics(), _fp8_export_fixes(wrapper), _initializers_per_parameter(), _quiet_exporter():
+        try:
+            onnx_bytes, _ = get_onnx_bytes_and_metadata(wrapper, args, model_name="model",
+                                                         dynamic_axes=dynamic_axes, onnx_opset=opset,
+                                                         weights_dtype=weights_dtype)
+        except AssertionError as e:
+            raise _exporter_failure(e) from None
         files = OnnxBytes.from_bytes(onnx_bytes)
         del onnx_bytes
         files.write_to_disk(str(workdir), clean_dir=False)

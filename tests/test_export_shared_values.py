@@ -53,3 +53,16 @@ def test_exporter_assertion_is_one_line_naming_the_layer():
     assert str(err).startswith("layer encoder.layers.1.linear1: ")
     assert "\n" not in str(err) and "skip" in str(err)
     assert str(onnx_export._exporter_failure(AssertionError("x"))) == "ModelOpt's ONNX exporter failed: x"
+
+
+def test_output_named_as_an_input_is_refused(tmp_path):
+    """`sample` in and `sample` out (diffusers' UNet): the exported graph was the input itself (0 nodes)."""
+
+    class Residual(nn.Module):
+        def forward(self, sample):
+            return sample * 2 + 1
+
+    with pytest.raises(ExportError, match=r"^output 'sample' has the name of an input; "):
+        onnx_export.export_model(Residual(), {"sample": torch.randn(2, 3)}, tmp_path / "m.onnx",
+                                 input_names=["sample"], output_names=["sample"])
+    assert not (tmp_path / "m.onnx").exists()

@@ -86,6 +86,12 @@ def _exportable(model: nn.Module, input_names: list[str], output_names: list[str
     for name in input_names:
         if not name.isidentifier():
             raise ExportError(f"input name {name!r} is not a Python identifier; rename the model's inputs")
+    both = [n for n in output_names if n in input_names]
+    if both:
+        # An ONNX value has one name: an output named as an input is wired to that input, and the exporter
+        # prunes the whole model away (UNet2DConditionModel: `sample` in, `sample` out gave a 0-node graph).
+        raise ExportError(f"output {both[0]!r} has the name of an input; an ONNX graph needs distinct names "
+                          "(that output would be the input itself): give the model's outputs other names")
     params = ", ".join(input_names)
     namespace: dict[str, Any] = {}
     exec(f"def forward(self, {params}):\n    return self._run({params})\n", namespace)  # noqa: S102

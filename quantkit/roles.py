@@ -331,7 +331,9 @@ def _attention_roles(site: str, site_module: nn.Module, inside: list[str], probe
             role = _role_from_name(n)
             if role and role.startswith("attention_"):
                 roles[n] = LayerRole(role, f"{where}: input projection; which one by its name")
-    for n in outs:
+    # Only the first linear after the projections is the output projection: when the site is a whole
+    # block (attention and MLP in one forward), the linears after it are the MLP's, not attention's.
+    for n in outs[:1]:
         roles[n] = LayerRole("attention_out", f"{where}: reads what the attention computed (called after the "
                                               "q/k/v projections)")
 
@@ -419,13 +421,6 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
     for site in sites:
         inside = [n for n in layers if _inside(n, site.name) and n != site.name and n not in roles]
         _attention_roles(site.name, site.module, inside, probe, layers, roles)
-    if probe is not None:
-        site_outputs = {id(t): s for s, span in probe.sites.items() for t in (r() for r in span.outputs)
-                        if t is not None}
-        for name, call in probe.calls.items():
-            x = call.input()
-            if name not in roles and x is not None and id(x) in site_outputs:
-                roles[name] = LayerRole("attention_out", f"reads the output of attention {site_outputs[id(x)]}")
     for name in layers:  # attention linears the probe did not see called: by name, inside the site
         site = next((s for s in sites if _inside(name, s.name) and s.name != name), None)
         if site is not None and name not in roles:
@@ -444,6 +439,16 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
             if (name not in roles and _kind(layers[name]) == "linear" and call.order > last_block_end
                     and _is_output(probe, call)):
                 roles[name] = LayerRole("head", "its output is the model's output")
+
+    # The linear that reads a site's output (BERT's attention.output.dense) is its output projection,
+    # unless it is the model's head (decided above: a site can be a whole block).
+    if probe is not None:
+        site_outputs = {id(t): s for s, span in probe.sites.items() for t in (r() for r in span.outputs)
+                        if t is not None}
+        for name, call in probe.calls.items():
+            x = call.input()
+            if name not in roles and x is not None and id(x) in site_outputs:
+                roles[name] = LayerRole("attention_out", f"reads the output of attention {site_outputs[id(x)]}")
 
     # 3. Conditioning: layers that never see the main input (timestep, class label, state MLPs).
     if probe is not None:

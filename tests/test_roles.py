@@ -123,6 +123,23 @@ def test_roles_come_from_structure_not_names():
     assert got["z"] == ("head", "fp16")
 
 
+def test_attention_and_mlp_in_one_block_forward_keep_their_roles():
+    """A block whose own forward computes the attention (so the whole block is the attention site) and
+    then its MLP: only the first linear after q/k/v is the output projection, the MLP stays MLP, and
+    the linear reading the last block's output is the head (all three were attention_out before)."""
+    from tests.test_export import TinyModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyModel().eval()
+    plan = make_plan(model, load_recipe("balanced"), example={"x": torch.randn(2, 8, 32)})
+    got = {r.name: (r.role, str(r.precision)) for r in plan.layers}
+    for b in ("blocks.0", "blocks.1"):
+        assert got[f"{b}.q_proj"] == ("attention_q", "fp8") and got[f"{b}.o_proj"] == ("attention_out", "fp8")
+        assert got[f"{b}.up"] == ("mlp_up", "nvfp4") and got[f"{b}.down"] == ("mlp_down", "nvfp4"), got
+    assert got["head"] == ("head", "fp16"), got["head"]
+
+
 def test_rule_selects_by_role_beside_names():
     r = recipe_from_dict({"name": "t", "rules": [
         {"roles": ["mlp"], "precision": "fp8"},

@@ -201,6 +201,9 @@ def nvfp4_static_fake_quantize(
 ) -> torch.Tensor:
     """Static blockwise NVFP4 quantize-dequantize as ModelOpt 0.47's `static_blockwise_fp4_fake_quant`.
 
+    Not yet bit-exact to the CUDA kernel: on an H200 some block scales differ by one FP8 step
+    (tests/gpu/test_nvfp4_parity.py -k static, 12 of 90 cases; BENCHMARKS.md).
+
     `amax` holds one calibrated absolute maximum per block (its size sets the block length:
     `x.numel() // amax.numel()` consecutive elements, as the kernel reads them); scales come from
     `nvfp4_static_block_scales`. Each element is |x| / scale rounded to E2M1 (ties as the kernel's

@@ -20,7 +20,7 @@ Version = tuple[int, ...]
 
 # Where each number comes from. TensorRT itself cannot run on the machines this was written on,
 # so the numbers are documentation, not experiment; the ones marked "project note" could not be
-# found in NVIDIA's text during the search and are taken from shared/MODELOPT_NOTES.md.
+# found in NVIDIA's text during the search and are the project's own reading of the docs (unverified).
 #
 # Baseline: a strongly-typed network (NetworkDefinitionCreationFlag.STRONGLY_TYPED, trtexec
 # --stronglyTyped) does not exist in TensorRT 8.x; ONNX Runtime's TensorRT EP guards it with

@@ -54,7 +54,7 @@ def _export_fp8_mlp(out: Path) -> None:
 
 
 def _onnxruntime_reference(onnx_path: Path):
-    """ONNX Runtime session on a copy of the graph that ORT accepts (shared/MODELOPT_NOTES.md):
+    """ONNX Runtime session on a copy of the graph that ORT accepts (see quantkit/verify/ort_copy.py):
     Q/DQ moved from domain 'trt' to the standard one, the stale UINT8 value_info dropped, graph
     optimizations off (ORT's extended optimizations gave wrong Q/DQ results)."""
     import onnx

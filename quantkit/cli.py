@@ -624,7 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = argv  # as typed: `--nproc` hands the ranks the user's own arguments (quantkit.launch)
+    # The verb's own arguments as typed (argv[0] is the verb: the top level has no other option):
+    # `--nproc` hands the ranks the user's own arguments (quantkit.launch), which adds the verb itself.
+    args.argv = argv[1:]
     console.set_quiet(getattr(args, "quiet", False))
     try:
         with console.quiet_warnings():

@@ -331,9 +331,7 @@ def _attention_roles(site: str, site_module: nn.Module, inside: list[str], probe
             role = _role_from_name(n)
             if role and role.startswith("attention_"):
                 roles[n] = LayerRole(role, f"{where}: input projection; which one by its name")
-    # Only the first linear after the projections is the output projection: when the site is a whole
-    # block (attention and MLP in one forward), the linears after it are the MLP's, not attention's.
-    for n in outs[:1]:
+    for n in outs:
         roles[n] = LayerRole("attention_out", f"{where}: reads what the attention computed (called after the "
                                               "q/k/v projections)")
 

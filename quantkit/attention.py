@@ -6,7 +6,8 @@ with torch.matmul and softmax intercepted; modules calling F.scaled_dot_product_
 or through the processor their forward delegates to, as diffusers' Attention) get explicit matmuls
 instead; modules with a two-matmul eager attention get their matmuls intercepted;
 torch.nn.MultiheadAttention runs quantkit.multihead's forward (projections exposed as Linears). The
-quantizers (`q/k/v/p_bmm_quantizer`, ModelOpt's names) are created by `mtq.quantize` itself.
+arithmetic of one call lives in quantkit.attention_math; the quantizers (`q/k/v/p_bmm_quantizer`,
+ModelOpt's names) are created by `mtq.quantize` itself.
 """
 
 from __future__ import annotations
@@ -21,28 +22,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantkit import multihead
+from quantkit.attention_math import ROLES, ROUTED_FLAG, SOFTMAX_FLAG, explicit_sdpa, fp32_softmax
+from quantkit.attention_math import (MatmulRouter, any_active, bmm_quantizers, needs_explicit, tensor_fp32_softmax,
+                                     torch_bmm, torch_sdpa)
 from quantkit.compat import modelopt as modelopt_compat
 from quantkit.compat import transformers as transformers_compat
 from quantkit.patches import Patches, of_model
 from quantkit.recipe import AttentionSpec, NamePattern, Precision
 
 IMPLEMENTATION = "quantkit"  # the name registered in transformers' AttentionInterface
-ROLES = ("q", "k", "v", "p")
-SOFTMAX_FLAG = "_quantkit_softmax_fp32"  # instance attribute: compute this attention's softmax in FP32
-_ROUTED_FLAG = "_quantkit_routed"  # class attribute of the classes quantkit swaps in: "sdpa" | "eager" | "mha"
 _ORIGINAL_ATTN = "_quantkit_original_attn"  # config attribute: implementation to fall back to
 _CALLS = "_quantkit_calls"  # instance attribute: forwards run through a swapped-in class (0: never called)
-
-# The originals, taken before anything patches them.
-_matmul = torch.matmul
-_bmm = torch.bmm
-_tensor_matmul = torch.Tensor.__matmul__
-_torch_softmax = torch.softmax
-_sdpa = F.scaled_dot_product_attention
 
 
 @dataclass(frozen=True)
@@ -53,66 +46,6 @@ class AttentionConversion:
     via: str  # "quantkit" | "modelopt"
     reason: str | None
     quantizers: dict[str, str]  # "q"/"k"/"v"/"p" -> quantizer module name as mtq.quantize will see it
-
-
-# ---------------------------------------------------------------------------------------------
-# The arithmetic: FP32 softmax and quantized matmuls
-
-
-def fp32_softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """softmax(x) computed as Cast(FLOAT) -> Softmax -> Cast(back): an explicit `.float()`, because
-    `softmax(x, dtype=torch.float32)` exports as a half-precision Softmax followed by a Cast."""
-    if dim is None:  # torch's legacy implicit dim
-        dim = 0 if input.dim() in (0, 1, 3) else 1
-    out_dtype = dtype if dtype is not None else input.dtype
-    return _torch_softmax(input.float(), dim).to(out_dtype)
-
-
-def _tensor_softmax(self: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return fp32_softmax(self, dim, dtype=dtype)
-
-
-def _quantizers(module: nn.Module) -> dict[str, Any]:
-    return {r: q for r in ROLES if (q := getattr(module, f"{r}_bmm_quantizer", None)) is not None}
-
-
-def _active(quantizers: dict[str, Any]) -> bool:
-    return any(getattr(q, "is_enabled", True) for q in quantizers.values())
-
-
-class _MatmulRouter:
-    """Puts the quantizers on the two matmuls of one attention call: Q·Kᵀ first, then P·V."""
-
-    def __init__(self, module: nn.Module, quantizers: dict[str, Any]):
-        self.where = type(module).__name__
-        self.q = quantizers
-        self.calls = 0
-
-    def _quant(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        q = self.q.get(role)
-        return x if q is None else q(x)
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, op: Callable = _matmul) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == 1:
-            a = self._quant("q", a)
-            k = self.q.get("k")
-            if k is not None and getattr(k, "is_enabled", True):
-                # Quantize K in its own (…, seq, head_dim) layout, as ModelOpt does, so axis settings mean the same.
-                b = k(b.transpose(-1, -2)).transpose(-1, -2)
-        elif self.calls == 2:
-            a = self._quant("p", a)
-            b = self._quant("v", b)
-        else:
-            raise RuntimeError(f"quantkit attention: {self.where} ran more than two matmuls inside one attention "
-                               "call; its quantizers would land on the wrong tensors")
-        return op(a, b)
-
-    def check(self) -> None:
-        if self.calls != 2:
-            raise RuntimeError(f"quantkit attention: {self.where} ran {self.calls} matmul(s) inside one attention "
-                               "call, expected 2 (Q·Kᵀ and P·V); its quantizers did not see Q, K, V, P")
 
 
 @contextlib.contextmanager
@@ -129,7 +62,7 @@ def _patched(targets: list[tuple[Any, str, Any]]) -> Iterator[None]:
 
 def _softmax_targets() -> list[tuple[Any, str, Any]]:
     return [(torch.nn.functional, "softmax", fp32_softmax), (torch, "softmax", fp32_softmax),
-            (torch.Tensor, "softmax", _tensor_softmax)]
+            (torch.Tensor, "softmax", tensor_fp32_softmax)]
 
 
 @contextlib.contextmanager
@@ -138,72 +71,18 @@ def attention_scope(module: nn.Module, *, force_softmax: bool | None = None) -> 
     targets = []
     if getattr(module, SOFTMAX_FLAG, False) if force_softmax is None else force_softmax:
         targets += _softmax_targets()
-    quantizers = _quantizers(module)
-    router = _MatmulRouter(module, quantizers) if _active(quantizers) else None
+    quantizers = bmm_quantizers(module)
+    router = MatmulRouter(module, quantizers) if any_active(quantizers) else None
     if router is not None:
         def tensor_matmul(self: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
             return router(self, other)
 
-        targets += [(torch, "matmul", router), (torch, "bmm", functools.partial(router, op=_bmm)),
+        targets += [(torch, "matmul", router), (torch, "bmm", functools.partial(router, op=torch_bmm)),
                     (torch.Tensor, "__matmul__", tensor_matmul)]
     with _patched(targets):
         yield
     if router is not None:
         router.check()
-
-
-def _needs_explicit(module: nn.Module, *tensors: torch.Tensor) -> bool:
-    """Explicit (quantkit) arithmetic is needed when quantizers are on, or to upcast a half-precision softmax.
-
-    Otherwise the original kernel runs, so FP32 outputs stay bit-identical to the unprotected model."""
-    if _active(_quantizers(module)):
-        return True
-    return bool(getattr(module, SOFTMAX_FLAG, False)) and any(
-        t is not None and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
-
-
-def explicit_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                  scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """F.scaled_dot_product_attention with the matmuls written out, quantized, and the softmax in FP32."""
-    if not _needs_explicit(module, query):
-        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                     scale=scale, enable_gqa=enable_gqa)
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(rep, dim=-3)
-        value = value.repeat_interleave(rep, dim=-3)
-    return explicit_attention(module, query, key, value, attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                              scale=scale)[0]
-
-
-def explicit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attn_mask: torch.Tensor | None = None, *, dropout_p: float = 0.0, is_causal: bool = False,
-                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(Q·Kᵀ·scale + mask)·V, the probabilities), written out: `module`'s bmm quantizers on the
-    matmuls, the softmax in FP32 when the module is protected. Masks as in SDPA (bool: True attends)."""
-    router = _MatmulRouter(module, _quantizers(module))
-    L, S = query.shape[-2], key.shape[-2]
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = router(query, key.transpose(-2, -1)) * scale
-    if getattr(module, SOFTMAX_FLAG, False):
-        scores = scores.float()
-    # A finite "minus infinity": a fully masked row gives a uniform row instead of NaN.
-    neg = torch.finfo(scores.dtype).min
-    if is_causal:
-        keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, neg)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, neg)
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
-    probs = _torch_softmax(scores, -1).to(value.dtype)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = router(probs, value)
-    router.check()
-    return out, probs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +118,7 @@ def quantkit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     eager = _family_eager(module)
     if eager is None:
         raise RuntimeError(f"quantkit attention: no eager_attention_forward next to {type(module).__name__}")
-    if not _needs_explicit(module, query):
+    if not needs_explicit(module, query):
         fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
     if attention_mask is None and original == "sdpa" and query.shape[2] > 1:
@@ -336,7 +215,7 @@ def _eager_ok(fn: Callable) -> str | None:
 def _calls_sdpa(fn: Callable, names: set[str]) -> bool:
     """`fn` calls F.scaled_dot_product_attention (by that name, or a global bound to it)."""
     glb = getattr(fn, "__globals__", {})
-    return "scaled_dot_product_attention" in names or any(glb.get(n) is _sdpa for n in names)
+    return "scaled_dot_product_attention" in names or any(glb.get(n) is torch_sdpa for n in names)
 
 
 def _processor_call(module: nn.Module) -> Callable | None:
@@ -361,7 +240,7 @@ def _processor_calls_sdpa(module: nn.Module) -> bool:
 
 def _classify(module: nn.Module) -> tuple[str | None, str | None]:
     cls = original_class(module)
-    routed = getattr(type(module), _ROUTED_FLAG, None)
+    routed = getattr(type(module), ROUTED_FLAG, None)
     if routed:
         return routed, None
     forward = inspect.unwrap(cls.forward)
@@ -430,7 +309,7 @@ def _routed_class(cls: type, kind: str) -> type:
             if call is not None:
                 spaces.append(getattr(call, "__globals__", {}))
             for space in {id(sp): sp for sp in spaces}.values():
-                targets += [(_DictSlot(space), n, bound) for n, v in list(space.items()) if v is _sdpa]
+                targets += [(_DictSlot(space), n, bound) for n, v in list(space.items()) if v is torch_sdpa]
             with _patched(targets):
                 return original_forward(self, *args, **kwargs)
     else:
@@ -438,7 +317,7 @@ def _routed_class(cls: type, kind: str) -> type:
             setattr(self, _CALLS, getattr(self, _CALLS, 0) + 1)
             with attention_scope(self):
                 return original_forward(self, *args, **kwargs)
-    routed = type(cls.__name__, (cls,), {"forward": forward, _ROUTED_FLAG: kind, "_quantkit_original": cls,
+    routed = type(cls.__name__, (cls,), {"forward": forward, ROUTED_FLAG: kind, "_quantkit_original": cls,
                                          "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     _ROUTED_CLASSES[key] = routed
     return routed
@@ -481,7 +360,7 @@ def route(site: AttentionSite, changes: Patches, fp32_softmax: bool | None = Non
         if not multihead.is_exposed(module):
             raise ValueError(f"{site.name}: MultiheadAttention must be exposed (multihead.expose) before routing")
     elif site.kind in ("sdpa", "eager"):
-        if not getattr(type(module), _ROUTED_FLAG, None):
+        if not getattr(type(module), ROUTED_FLAG, None):
             module.__class__ = _routed_class(type(module), site.kind)
     else:
         raise ValueError(f"{site.name}: cannot route: {site.reason}")
@@ -609,7 +488,7 @@ def verify_attention(model: nn.Module, conversions: list[AttentionConversion]) -
             problems.append(f"{c.name}: attention module not found in the model")
             continue
         config = getattr(module, "config", None)
-        kind = getattr(type(module), _ROUTED_FLAG, None)
+        kind = getattr(type(module), ROUTED_FLAG, None)
         if kind is None and transformers_compat.attn_implementation(config) != IMPLEMENTATION:
             problems.append(f"{c.name}: attention no longer runs through quantkit (implementation "
                             f"{transformers_compat.attn_implementation(config)!r}); its matmuls bypass the quantizers")

@@ -4,7 +4,7 @@
 arguments stay) and moves the packed `in_proj_weight` (or `q/k/v_proj_weight`) into `q_proj`,
 `k_proj`, `v_proj` Linear children beside `out_proj`: recipes, roles and ModelOpt then see four
 linears as in any HF attention, and every projection is *called*, so per-layer dtypes cast at its
-boundaries. Its forward computes Q·Kᵀ, softmax and P·V through quantkit.attention (bmm quantizers,
+boundaries. Its forward computes Q·Kᵀ, softmax and P·V through quantkit.attention_math (bmm quantizers,
 FP32 softmax). With `in_proj_bias` gone, nn.TransformerEncoder(Layer) never takes its fused kernel,
 which reads the raw weights past every quantizer and has no ONNX export.
 """
@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTED_KIND = "mha"  # attention._ROUTED_FLAG value of the swapped class
+from quantkit import attention_math
+from quantkit.attention_math import ROUTED_FLAG
+
+ROUTED_KIND = "mha"  # attention_math.ROUTED_FLAG value of the swapped class
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 _CLASSES: dict[type, type] = {}
@@ -51,9 +54,7 @@ def _forward(self: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor
              attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
              is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """nn.MultiheadAttention.forward (same arguments and results), with the projections called as
-    modules and the attention through quantkit.attention. `is_causal` is a hint in torch: the mask says it."""
-    from quantkit import attention
-
+    modules and the attention through quantkit.attention_math. `is_causal` is a hint in torch: the mask says it."""
     if is_causal and attn_mask is None:
         raise RuntimeError("MultiheadAttention: is_causal needs attn_mask (as in torch)")
     batched = query.dim() == 3
@@ -88,10 +89,10 @@ def _forward(self: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor
         mask = padding if mask is None else mask + padding
     dropout = self.dropout if self.training else 0.0
     if need_weights:
-        out, probs = attention.explicit_attention(self, q, k, v, mask, dropout_p=dropout,
-                                                  scale=1.0 / math.sqrt(head_dim))
+        out, probs = attention_math.explicit_attention(self, q, k, v, mask, dropout_p=dropout,
+                                                       scale=1.0 / math.sqrt(head_dim))
     else:
-        out = attention.explicit_sdpa(self, q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = attention_math.explicit_sdpa(self, q, k, v, attn_mask=mask, dropout_p=dropout)
         probs = None
     out = self.out_proj(out.transpose(1, 2).reshape(n, length, embed))
     if probs is not None and average_attn_weights:
@@ -103,18 +104,14 @@ def _forward(self: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor
 
 def _exposed_class(cls: type) -> type:
     if cls not in _CLASSES:
-        from quantkit.attention import _ROUTED_FLAG
-
         _CLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _forward, _ROUTED_FLAG: ROUTED_KIND, "_quantkit_original": cls,
+            "forward": _forward, ROUTED_FLAG: ROUTED_KIND, "_quantkit_original": cls,
             "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
     return _CLASSES[cls]
 
 
 def is_exposed(module: nn.Module) -> bool:
-    from quantkit.attention import _ROUTED_FLAG
-
-    return getattr(type(module), _ROUTED_FLAG, None) == ROUTED_KIND
+    return getattr(type(module), ROUTED_FLAG, None) == ROUTED_KIND
 
 
 def expose(module: nn.MultiheadAttention) -> bool:

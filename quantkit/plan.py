@@ -15,35 +15,18 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 
 from quantkit.errors import PlanError
+from quantkit.layers import class_names, iter_layers
 from quantkit.recipe import FORMATS, Precision, Recipe, Rule
+from quantkit.roles import infer_roles
 
-# Class names (anywhere in the MRO) of the leaf modules a plan has a row for, and their kind.
-LAYER_KINDS: dict[str, str] = {
-    "Linear": "linear", "Conv1D": "linear",  # transformers' GPT-2 style Conv1D is a linear layer
-    "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv",
-    "ConvTranspose1d": "conv", "ConvTranspose2d": "conv", "ConvTranspose3d": "conv",
-    "Embedding": "embedding",
-}
-# What ModelOpt can put quantizers on (an Embedding has none).
-QUANTIZABLE_KINDS = {"linear", "conv"}
+QUANTIZABLE_KINDS = {"linear", "conv"}  # what ModelOpt can put quantizers on (an Embedding has none)
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def _class_names(module: nn.Module) -> list[str]:
-    return [c.__name__ for c in type(module).__mro__]
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    for name in _class_names(module):
-        if name in LAYER_KINDS:
-            return LAYER_KINDS[name]
-    return None
 
 
 def _types_match(rule: Rule, module: nn.Module) -> bool:
     if not rule.types:
         return True
-    names = set(_class_names(module))
+    names = set(class_names(module))
     if "Conv1D" in names:  # transformers' GPT-2 Conv1D is a Linear with its weight stored transposed
         names.add("Linear")
     qualified = {f"{c.__module__}.{c.__name__}" for c in type(module).__mro__}
@@ -227,13 +210,6 @@ def _layer_row(recipe: Recipe, name: str, module: nn.Module, kind: str, warnings
                      role_how=getattr(role, "how", ""), algorithm=algorithm if weights == Precision.NVFP4 else None)
 
 
-def iter_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:
-    for name, module in model.named_modules():
-        kind = layer_kind(module)
-        if kind and name:
-            yield name, module, kind
-
-
 def _shared_groups(model: nn.Module) -> list[list[str]]:
     """Planned layers that hold one and the same parameter (tied embeddings / lm_head), in model order."""
     owners: dict[int, list[str]] = {}
@@ -309,7 +285,6 @@ def make_plan(model: nn.Module, recipe: Recipe, model_dtype: str = "fp32", stric
 
     `example` (keyword inputs on the model's device) lets quantkit.roles run one probe forward to
     read the model's structure; without it, roles come from the module tree and names."""
-    from quantkit.roles import infer_roles
 
     warnings: list[str] = []
     roles, role_notes = infer_roles(model, example)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from quantkit.layers import iter_layers, layer_kind
 from quantkit.recipe import ROLE_GROUPS, ROLES
 
 __all__ = ["ROLES", "ROLE_GROUPS", "LayerRole", "infer_roles"]
@@ -39,12 +40,6 @@ def _features(module: nn.Module) -> tuple[int | None, int | None]:
     if type(module).__name__ == "Conv1D" and w is not None:  # transformers' GPT-2 Conv1D stores (in, out)
         return int(w.shape[0]), int(w.shape[1])
     return None, None
-
-
-def _kind(module: nn.Module) -> str | None:
-    from quantkit.plan import layer_kind
-
-    return layer_kind(module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +247,7 @@ def _blocks(model: nn.Module, site_names: list[str]) -> list[str]:
         for child_name, child in m.named_children():
             full = f"{name}.{child_name}" if name else child_name
             has_site = any(s == full or s.startswith(full + ".") for s in site_names)
-            linears = sum(1 for sub in child.modules() if _kind(sub) == "linear")
+            linears = sum(1 for sub in child.modules() if layer_kind(sub) == "linear")
             if has_site or linears >= 2:
                 out.append(full)
     return out
@@ -264,9 +259,9 @@ def _inside(name: str, scope: str) -> bool:
 
 def _tied_to_embedding(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
     embeddings = {id(m.weight): n for n, m in layers.items()
-                  if _kind(m) == "embedding" and isinstance(getattr(m, "weight", None), torch.Tensor)}
+                  if layer_kind(m) == "embedding" and isinstance(getattr(m, "weight", None), torch.Tensor)}
     return {n: embeddings[id(m.weight)] for n, m in layers.items()
-            if _kind(m) == "linear" and isinstance(getattr(m, "weight", None), torch.Tensor)
+            if layer_kind(m) == "linear" and isinstance(getattr(m, "weight", None), torch.Tensor)
             and id(m.weight) in embeddings}
 
 
@@ -339,7 +334,7 @@ def _attention_roles(site: str, site_module: nn.Module, inside: list[str], probe
 def _mlp_roles(order: list[str], layers: dict[str, nn.Module], probe: _Probe, roles: dict[str, LayerRole],
                block_of: Callable[[str], str | None]) -> None:
     """up (and gate) d -> h, then down h -> d in call order within one block: an MLP, whatever its names."""
-    free = [n for n in order if n not in roles and _kind(layers[n]) == "linear"]
+    free = [n for n in order if n not in roles and layer_kind(layers[n]) == "linear"]
     used: set[str] = set()
     for i, up in enumerate(free):
         if up in used:
@@ -391,13 +386,12 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
     `example`: keyword inputs for one probe forward (on the model's device/dtype). Without it, or if
     the forward fails, roles come from the attention sites, tied weights, module classes and names."""
     from quantkit.attention import attention_sites
-    from quantkit.plan import iter_layers
 
     notes: list[str] = []
     layers = {name: m for name, m, _ in iter_layers(model)}
     roles: dict[str, LayerRole] = {}
     for name, m in layers.items():
-        kind = _kind(m)
+        kind = layer_kind(m)
         if kind == "embedding":
             roles[name] = LayerRole("embedding", f"an embedding table ({type(m).__name__})")
         elif kind == "conv":
@@ -434,7 +428,7 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
         # projector's output may be returned too (PaliGemma's image_hidden_states).
         last_block_end = max((s.end for s in probe.blocks.values() if s.end >= 0), default=0)
         for name, call in probe.calls.items():
-            if (name not in roles and _kind(layers[name]) == "linear" and call.order > last_block_end
+            if (name not in roles and layer_kind(layers[name]) == "linear" and call.order > last_block_end
                     and _is_output(probe, call)):
                 roles[name] = LayerRole("head", "its output is the model's output")
 
@@ -458,7 +452,7 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
                 independent = set()
                 notes.append(f"roles: the conditioning probe failed ({type(e).__name__}: {str(e)[:120]})")
             for name in sorted(independent, key=lambda n: probe.calls[n].order):
-                if name not in roles and _kind(layers[name]) == "linear":
+                if name not in roles and layer_kind(layers[name]) == "linear":
                     roles[name] = LayerRole("conditioning", f"does not depend on the main input '{key}': it reads "
                                                             "only the other inputs (timestep, label, state)")
 
@@ -477,14 +471,14 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
         # 5. Projectors: outside every block, called after one block and before another.
         spans = sorted((s for s in probe.blocks.values() if s.end >= 0), key=lambda s: s.start)
         for name in order:
-            if name in roles or _kind(layers[name]) != "linear" or any(_inside(name, b) for b in blocks):
+            if name in roles or layer_kind(layers[name]) != "linear" or any(_inside(name, b) for b in blocks):
                 continue
             at = probe.calls[name].order
             if any(s.end < at for s in spans) and any(s.start > at for s in spans):
                 roles[name] = LayerRole("projector", "between two stacks of blocks, in no block: a modality projector")
         # 6. The last linear, after every block, in no block: the output head.
         last_end = max((s.end for s in spans), default=0)
-        after = [n for n in order if _kind(layers[n]) == "linear" and probe.calls[n].order > last_end
+        after = [n for n in order if layer_kind(layers[n]) == "linear" and probe.calls[n].order > last_end
                  and not any(_inside(n, b) for b in blocks)]
         if spans and after and after[-1] not in roles:
             roles[after[-1]] = LayerRole("head", "the last linear layer, after every block")
@@ -497,7 +491,7 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
                 roles[name] = LayerRole(role, "by its name (the structure did not say)")
     for name, m in layers.items():
         container = _MLP_CONTAINER.search(name.lower())
-        if name not in roles and container and _kind(m) == "linear":
+        if name not in roles and container and layer_kind(m) == "linear":
             fin, fout = _features(m)
             role = "mlp_down" if fin and fout and fout < fin else "mlp_up"
             roles[name] = LayerRole(role, f"inside {name[:container.end(1)]} (an MLP by its name); "

@@ -109,16 +109,9 @@ def test_the_detector_finds_a_circle_and_a_layer_crossing(tmp_path):
     assert "quantkit.runtime.y" in graph["quantkit.export.x"]
 
 
-# Circles that landed with issue 15 (multihead.py and roles.py, lazy imports both ways) while this test
-# was written: listed by name so that any other circle fails, and so does this list once they are gone.
-KNOWN_CIRCLES = [["quantkit.attention", "quantkit.multihead"], ["quantkit.plan", "quantkit.roles"]]
-
-
 def test_no_import_circle_in_the_package():
     found = cycles(import_graph())
-    new = [c for c in found if c not in KNOWN_CIRCLES]
-    assert not new, f"import circles: {new}"
-    assert sorted(found) == sorted(KNOWN_CIRCLES), f"a known circle is gone: drop it from KNOWN_CIRCLES ({found})"
+    assert not found, f"import circles: {found}"
 
 
 def test_export_runtime_and_verify_keep_their_layers():

@@ -189,7 +189,8 @@ class QuantizedModel:
 
     @property
     def result(self):
-        """The stage result underneath (quantkit.ptq.QuantizeResult)."""
+        """The stage result underneath: quantkit.ptq.QuantizeResult (from `quantize`) or ptq.QuantizedRun
+        (from `load`, whose report is the folder's report.json)."""
         return self._result
 
     @property
@@ -349,8 +350,7 @@ def load(folder: str | os.PathLike, model: "nn.Module | LoadedModel | None" = No
             run = json.loads(run_file.read_text())
             loaded.input_names, loaded.output_names = run["input_names"], run["output_names"]
     run = ptq.load_quantized(folder, device, loaded=loaded)
-    result = ptq.QuantizeResult(run.loaded, run.recipe, run.plan, run.report)
-    return QuantizedModel(result, dtype=run.dtype, device=device, saved_to=Path(folder))
+    return QuantizedModel(run, dtype=run.dtype, device=device, saved_to=Path(folder))
 
 
 def plan(model: "nn.Module | LoadedModel | str", recipe: "str | os.PathLike | Recipe" = "balanced",

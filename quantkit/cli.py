@@ -174,7 +174,7 @@ def _quantize_into(args: argparse.Namespace, out) -> int:
     qm = quantkit.quantize(loaded, recipe, calibration, device=device, dtype=dtype, batch_size=args.batch_size,
                            strict=args.strict)
     if placement is not None:
-        qm.report.to_dict()["placement"] = placement.to_dict()
+        qm.result.placement = placement.to_dict()
     # Staged only now: a run that fails or is killed while calibrating leaves nothing on disk; a failing
     # run does not replace a passing one (OUT.failed) unless --force.
     ptq.write_run(qm.result, out, loaded.spec, dtype, force=args.force, protect=[args.calib])

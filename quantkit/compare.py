@@ -12,12 +12,11 @@ sets the thresholds, and the comparison asked for is judged by them (the CLI's e
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -70,6 +69,10 @@ class Comparison:
     metrics: dict[str, dict[str, Metrics]]  # candidate -> output -> metrics against `against`
     verdict: Verdict
     report_passed: bool  # the report's own gate: every measured runtime against FP32
+    vs_fp32: dict[str, dict[str, Metrics]] = dataclasses.field(default_factory=dict)  # runtime -> output -> vs FP32
+    histograms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # runtime -> output -> errors vs FP32
+    ort_vs_fake_quant: dict[str, Metrics] | None = None  # when both ran
+    seconds: float = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.verdict)
@@ -386,45 +389,18 @@ def _compare(out_dir: str | Path, *, against: str, runtimes: Sequence[str] | Non
     if failed:
         verdict = Verdict(False, thresholds, verdict.metrics, (*verdict.failures, *failed))
 
-    report_passed = bool(report.get("passed"))
+    comparison = Comparison(
+        out_dir, against, thresholds, len(heldout), status, metrics, verdict, bool(report.get("passed")),
+        vs_fp32=vs_fp32, histograms={n: ptq.error_histograms(outputs["fp32"], outputs[n]) for n in vs_fp32},
+        ort_vs_fake_quant=(ptq.compare_runs(outputs["fake-quant"], outputs["onnxruntime"])
+                           if "fake-quant" in vs_fp32 and "onnxruntime" in vs_fp32 else None),
+        seconds=time.perf_counter() - t_start)
     if update_report:
-        report_passed = _update_report(report, out_dir, against, thresholds, status, outputs, vs_fp32, metrics,
-                                       verdict, len(heldout), time.perf_counter() - t_start)
-    return Comparison(out_dir, against, thresholds, len(heldout), status, metrics, verdict, report_passed)
+        from quantkit.report.render import record
 
-
-def _update_report(report: dict[str, Any], out_dir: Path, against: str, thresholds: Thresholds,
-                   status: Mapping[str, RuntimeStatus], outputs, vs_fp32, metrics, verdict: Verdict, samples: int,
-                   seconds: float) -> bool:
-    """Refresh report.json (then .md/.html): metrics vs FP32 per runtime, runtime status, the gate."""
-    from quantkit import ptq
-    from quantkit.report import write_reports
-
-    table = report.setdefault("metrics", {})
-    hists = report.setdefault("error_histograms", {})
-    for name in CANDIDATES:
-        if name in vs_fp32:
-            table[name] = {k: m.to_dict() for k, m in vs_fp32[name].items()}
-            hists[name] = ptq.error_histograms(outputs["fp32"], outputs[name])
-        elif name in status:  # tried here and could not run: an older figure would describe another run
-            table.pop(name, None)
-            hists.pop(name, None)
-    if "fake-quant" in vs_fp32 and "onnxruntime" in vs_fp32:
-        ort = ptq.compare_runs(outputs["fake-quant"], outputs["onnxruntime"])
-        report["onnxruntime_vs_fake_quant"] = {k: m.to_dict() for k, m in ort.items()}
-    report.setdefault("runtimes", {}).update({n: s.to_dict() for n, s in status.items()})
-    if against != "fp32":
-        report.setdefault("comparisons", {})[against] = {
-            "samples": samples, "metrics": {n: {k: m.to_dict() for k, m in ms.items()} for n, ms in metrics.items()},
-            **verdict.to_dict()}
-    gate = judge({n: {k: Metrics.from_dict(d) for k, d in outs.items()} for n, outs in table.items() if outs},
-                 thresholds)
-    failures = list(gate.failures) + [f"{n}: failed: {s.error}" for n, s in status.items() if s.error]
-    report.update(thresholds=thresholds.to_dict(), passed=not failures, failures=failures)
-    report["compare"] = {"against": against, "samples": samples, "seconds": round(seconds, 2),
-                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    write_reports(report, out_dir)
-    return not failures
+        # report.json/.md/.html refreshed: metrics vs FP32 per runtime, runtime status, the gate.
+        comparison.report_passed = bool(record(out_dir, "comparison", comparison)["passed"])
+    return comparison
 
 
 def print_comparison(result: Comparison) -> None:

@@ -293,9 +293,8 @@ def _quantize_rank(args, dp) -> int:
         return 0
     qm = quantkit.quantize(loaded, recipe, calibration, dtype=dtype, device=device, batch_size=batch_size,
                            strict=args.strict, data_parallel=dp)
-    report = qm.report.to_dict()
-    report["data_parallel"] = dp.describe(calib_part, batch_size)
-    last = report["data_parallel"].get("passes", [{}])[-1]
+    qm.result.data_parallel = dp.describe(calib_part, batch_size)
+    last = qm.result.data_parallel.get("passes", [{}])[-1]
     info(f"calibrated {len(calib_part)} samples on {dp.world_size} ranks ("
          + ", ".join(f"rank {r['rank']}: {r['samples']} in {r['forward_s']:.2f} s" for r in last.get("ranks", []))
          + f"); statistics of {last.get('quantizers_reduced', 0)} quantizers reduced in {last.get('reduce_s', 0):.3f} s")

@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
-import datetime
 import io
 import time
 from pathlib import Path
@@ -237,22 +236,42 @@ def quantizer_counts(model: nn.Module) -> dict[str, int]:
 
 @dataclasses.dataclass
 class QuantizeResult:
-    """What `quantize` made: the quantized model (in `loaded`), its plan and its report.json content.
-    Truthy when the accuracy gate passed."""
+    """What `quantize` made: the quantized model (in `loaded`), its plan, and what its evaluation
+    measured. Truthy when the accuracy gate passed. `report` is report.json's content, rendered from
+    these fields by quantkit.report.render (the one place that lays report.json out)."""
 
     loaded: LoadedModel
     recipe: Recipe
     plan: Plan
-    report: dict[str, Any]
+    model_info: dict[str, Any]  # spec, class, dtype, device
+    calibration: dict[str, Any]  # the set's info plus samples_total / calibration_samples / heldout_samples
+    metrics: dict[str, Any]  # output -> quantkit.metrics.Metrics, fake-quant vs FP32 on the held-out samples
+    histograms: dict[str, Any]  # output -> error histogram (report.document.build_error_histogram)
+    thresholds: Any  # quantkit.metrics.Thresholds: the recipe's gate
+    failures: list[str]  # why the gate failed (empty: passed)
+    warnings: list[str]
+    quantizers: dict[str, int]  # TensorQuantizers by kind and state (quantizer_counts)
+    per_layer: list[dict[str, Any]]  # per-layer error against the FP32 model (layer_error)
+    timings: dict[str, float]
+    created: str  # UTC, ISO 8601
+    versions: dict[str, str]
     heldout: Any = None  # the samples the report's metrics were measured on (None: none)
     fp32_outputs: list | None = None  # the FP32 model's outputs per batch of `heldout`
+    placement: dict[str, Any] | None = None  # --device-map: where the model's layers went (placement.Placement)
+    data_parallel: dict[str, Any] | None = None  # --nproc: the ranks' calibration (distributed.DataParallel)
 
     @property
     def passed(self) -> bool:
-        return bool(self.report.get("passed"))
+        return not self.failures
 
     def __bool__(self) -> bool:
         return self.passed
+
+    @property
+    def report(self) -> dict[str, Any]:
+        from quantkit.report.render import quantize_report
+
+        return quantize_report(self)
 
 
 class LoopCalibration:
@@ -449,16 +468,16 @@ def quantize(loaded: LoadedModel, recipe: Recipe, calibration, *, dtype: str = "
                                  torch.float32, _torch_dtype(dtype))
         del reference_model
     timings["evaluate_s"] = time.perf_counter() - t0
-    report = build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics,
-                          error_histograms(reference, candidate) if heldout is not None else {}, timings,
-                          dtype, device)
-    report["per_layer"] = layers
-    return QuantizeResult(loaded, recipe, plan, report, heldout, reference)
+    return evaluated(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics,
+                     error_histograms(reference, candidate) if heldout is not None else {}, timings, dtype, device,
+                     layers, reference)
 
 
-def build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics, histograms, timings,
-                 dtype, device) -> dict[str, Any]:
+def evaluated(loaded, recipe, plan, calibration, calib_part, heldout, model, metrics, histograms, timings,
+              dtype, device, per_layer, fp32_outputs) -> QuantizeResult:
+    """The QuantizeResult of a quantized model: its gate judged, what the report warns about."""
     from quantkit.metrics import Thresholds
+    from quantkit.report.render import now
 
     thresholds = Thresholds.of_recipe(recipe)
     failures = []
@@ -475,25 +494,12 @@ def build_report(loaded, recipe, plan, calibration, calib_part, heldout, model, 
         warnings.insert(0, "calibrated on SYNTHETIC data (--synthetic): accuracy numbers do not reflect real inputs")
     if torch.device(device).type == "cpu" and _needs_cuda_nvfp4(plan):
         warnings.append("NVFP4 was simulated on the CPU with quantkit's ModelOpt-equivalent kernel")
-    return {
-        "schema": "quantkit.report/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "recipe": {"name": recipe.name, "sha256": recipe.sha256(), "targets": list(recipe.targets)},
-        "model": {"spec": loaded.spec, "class": type(model).__name__, "dtype": dtype, "device": str(device)},
-        "calibration": info,
-        "coverage": plan.coverage(),
-        "protections": plan.protections,
-        "attention": plan.attention,
-        "quantizers": quantizer_counts(model),
-        "metrics": {"fake-quant": {k: m.to_dict() for k, m in metrics.items()}},
-        "error_histograms": {"fake-quant": histograms},
-        "thresholds": thresholds.to_dict(),
-        "passed": not failures,
-        "failures": failures,
-        "timings": timings,
-        "warnings": warnings,
-    }
+    return QuantizeResult(
+        loaded, recipe, plan,
+        model_info={"spec": loaded.spec, "class": type(model).__name__, "dtype": dtype, "device": str(device)},
+        calibration=info, metrics=dict(metrics), histograms=histograms, thresholds=thresholds, failures=failures,
+        warnings=warnings, quantizers=quantizer_counts(model), per_layer=per_layer, timings=timings, created=now(),
+        versions=versions(), heldout=heldout, fp32_outputs=fp32_outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,12 +520,9 @@ def save_run(result: QuantizeResult, out: Path, model_spec: str, dtype: str) -> 
                                        "input_names": result.loaded.input_names,
                                        "output_names": result.loaded.output_names, "versions": versions()})
     mto.save(result.loaded.model, str(out / STATE_FILE))
-    try:
-        from quantkit.report import write_reports
-    except ImportError:
-        atomic_write_json(out / "report.json", result.report)
-    else:
-        write_reports(result.report, out)
+    from quantkit.report.render import write_quantize
+
+    write_quantize(result, out)
 
 
 @dataclasses.dataclass
@@ -529,7 +532,16 @@ class QuantizedRun:
     recipe: Recipe
     plan: Plan
     dtype: str
-    report: dict[str, Any]
+    report: dict[str, Any]  # the folder's report.json as read (what later stages recorded in it included)
+    heldout: Any = None  # not kept in a folder: rebuilt from the calibration set when needed
+    fp32_outputs: list | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed"))
+
+    def __bool__(self) -> bool:
+        return self.passed
 
 
 # Who may name code in a run folder: a `module:function` / `file.py:function` spec read from a

@@ -143,3 +143,82 @@ def test_every_package_is_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
     assert packages <= listed, sorted(packages - listed)
+
+
+# report.json is laid out in quantkit/report/render.py alone, from the stages' typed results, and
+# written through report/document.py; a stage that edits the document itself fails here.
+REPORT_WRITERS = {"quantkit.report.render": "write_reports", "quantkit.report.document": "report.json"}
+WRITE_CALLS = {"write_reports", "atomic_write_json", "atomic_write_text", "write_text", "write_bytes", "dump"}
+
+
+def report_writers(modules: dict[str, Path]) -> list[str]:
+    """'module:line call' for each call that writes report.json's content: write_reports(...), or a write
+    whose arguments or receiver name report.json (directly or through a variable assigned from it)."""
+    found = []
+    for mod, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+
+        def mentions(node: ast.AST, names: set[str]) -> bool:
+            return any((isinstance(n, ast.Constant) and n.value == "report.json")
+                       or (isinstance(n, ast.Name) and n.id in names) for n in ast.walk(node))
+
+        named: set[str] = set()
+        for node in ast.walk(tree):  # variables holding a report.json path (`path = out / "report.json"`)
+            if isinstance(node, ast.Assign) and mentions(node.value, set()):
+                named |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if name not in WRITE_CALLS:
+                continue
+            receiver = [fn.value] if isinstance(fn, ast.Attribute) else []
+            if name == "write_reports" or any(mentions(a, named) for a in [*node.args, *receiver]):
+                found.append(f"{mod}:{node.lineno} {name}")
+    return found
+
+
+def report_edits(modules: dict[str, Path]) -> list[str]:
+    """'module:line target' for each edit of a report dict outside quantkit/report/: an item assigned
+    (`report["x"] = ...`, `qm.report.to_dict()["x"] = ...`) or update/setdefault/pop/clear called on it."""
+    found = []
+    for mod, path in modules.items():
+        if mod.startswith("quantkit.report."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = [t.value for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                           if isinstance(t, ast.Subscript)]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("update", "setdefault", "pop", "clear")):
+                targets = [node.func.value]
+            found += [f"{mod}:{node.lineno} {ast.unparse(t)}" for t in targets if "report" in ast.unparse(t).lower()]
+    return found
+
+
+def test_the_report_detector_finds_a_stage_writing_report_json(tmp_path):
+    stage = tmp_path / "stage.py"
+    stage.write_text("import json\nfrom quantkit.outdir import atomic_write_json\nfrom quantkit.report import write_reports\n"
+                     "def f(out, report):\n    path = out / 'report.json'\n    report['x'] = 1\n"
+                     "    atomic_write_json(path, report)\n    write_reports(report, out)\n"
+                     "    (out / 'report.json').write_text(json.dumps(report))\n"
+                     "    (out / 'plan.json').write_text('{}')\n")
+    assert report_writers({"quantkit.stage": stage}) == [
+        "quantkit.stage:7 atomic_write_json", "quantkit.stage:8 write_reports", "quantkit.stage:9 write_text"]
+    extra = tmp_path / "extra.py"
+    extra.write_text("def g(qm, d):\n    qm.report.to_dict()['placement'] = d\n    d['x'] = 1\n"
+                     "    qm.report.to_dict().setdefault('runtimes', {})\n")
+    assert report_edits({"quantkit.stage": stage, "quantkit.extra": extra}) == [
+        "quantkit.stage:6 report", "quantkit.extra:2 qm.report.to_dict()", "quantkit.extra:4 qm.report.to_dict()"]
+
+
+def test_report_json_is_rendered_in_one_place():
+    writers = report_writers(_modules())
+    outside = [w for w in writers if w.split(":")[0] not in REPORT_WRITERS]
+    assert not outside, f"report.json written outside quantkit/report/render.py: {outside}"
+    # the renderer hands its documents to write_reports; document.py is the one that writes the file
+    assert {w.split(":")[0] for w in writers} == set(REPORT_WRITERS), writers
+    edits = report_edits(_modules())
+    assert not edits, f"report.json content assembled outside quantkit/report/render.py: {edits}"

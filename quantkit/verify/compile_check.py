@@ -9,7 +9,6 @@ from OUT/recipe.yaml and records the check in report.json. Engines are measured,
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from quantkit.runtime.tensorrt.network import CompileResult, compile_network
 from quantkit.runtime.tensorrt.profiles import ShapeProfile, as_profile_sets, graph_input_shapes
 from quantkit.runtime.tensorrt.targets import CompileTarget, targets_for
 
-REPORT_KEY = "compile_check"
 # Without the recipe's build.profiles, every dynamic dimension gets this range (min, opt, max): the
 # check is of the graph's ops and types, and a range this small keeps the build quick.
 DEFAULT_DYNAMIC_RANGE = (1, 16, 64)
@@ -171,14 +169,9 @@ def check_export(out_dir: str | os.PathLike, *, target_names: Sequence[str] | No
 
 def record_in_report(out_dir: Path, check: CompileCheck) -> None:
     """report.json's `compile_check` (and its warnings) replaced by this check; the reports re-rendered."""
-    from quantkit.report import write_reports
+    from quantkit.report.render import record
 
-    path = out_dir / "report.json"
-    if not path.is_file():
-        return
-    report = json.loads(path.read_text(encoding="utf-8"))
-    report[REPORT_KEY] = check.to_dict()
-    write_reports(report, out_dir)
+    record(out_dir, "compile_check", check)
 
 
 def print_compile_check(check: CompileCheck) -> None:

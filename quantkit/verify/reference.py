@@ -1,9 +1,9 @@
 """The ONNX Runtime reference run of an export: its outputs against the PyTorch fake-quant model and
-against the FP32 reference, on the run's held-out calibration samples, written into report.json.
+against the FP32 reference, on the run's held-out calibration samples: a `ReferenceResult`, which
+quantkit.report.render records in report.json.
 
-report["metrics"]["onnxruntime"] = {output: metrics vs the FP32 reference},
-report["onnxruntime_vs_fake_quant"] = {output: metrics vs the fake-quantized PyTorch model} (end to
-end), and report["onnxruntime_vs_fake_quant_per_block"] = {block: metrics} with each transformer block
+It holds ORT vs the FP32 reference and vs the fake-quantized PyTorch model per output (end to
+end), and ORT vs fake-quant per block, with each transformer block
 of the PyTorch model fed the graph's own input to that block (quantkit/verify/blockwise.py says why:
 end to end, rounding flips compound and even a right graph drifts). The verdict is per block where the
 model has blocks, end to end otherwise. The held-out split is rebuilt exactly as `quantize` made it.
@@ -12,7 +12,6 @@ model has blocks, end to end otherwise. The held-out split is rebuilt exactly as
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,8 @@ class ReferenceResult:
     notes: list[str]
     cosine_min: float = 0.9999
     per_block: dict[str, Any] | None = None
+    graph: str = "model.onnx"  # the graph's file name in OUT
+    seconds: float = 0.0
 
     @staticmethod
     def _worst(metrics: dict[str, Any]) -> float:
@@ -103,7 +104,6 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     from quantkit.verify.blockwise import HEAD, find_boundaries, teacher_forced
     from quantkit.metrics import OutputsAccumulator
     from quantkit.models import DTYPES, load_model
-    from quantkit.outdir import atomic_write_json
     from quantkit.ptq import load_quantized
     from quantkit.verify.ort_copy import verification_runner
 
@@ -153,18 +153,12 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
     if boundaries and not per_block.by_output:
         notes.append("per-block comparison not possible: no block's input/output found in the graph by shape")
     result = ReferenceResult(vs_fp32.result(), vs_fq.result(), len(heldout), notes,
-                             per_block=per_block.result() or None)
+                             per_block=per_block.result() or None, graph=onnx_path.name,
+                             seconds=time.perf_counter() - t0)
     if update_report:
-        path = out_dir / "report.json"
-        report = json.loads(path.read_text()) if path.is_file() else {}
-        report.setdefault("metrics", {})["onnxruntime"] = {k: m.to_dict() for k, m in result.vs_fp32.items()}
-        report["onnxruntime_vs_fake_quant"] = {k: m.to_dict() for k, m in result.vs_fake_quant.items()}
-        report["onnxruntime_vs_fake_quant_per_block"] = {k: m.to_dict() for k, m in (result.per_block or {}).items()}
-        report.setdefault("onnxruntime", {}).update(
-            {"verdict": result.verdict, "cosine_min": result.cosine_min, "passed": bool(result),
-             "graph": onnx_path.name, "samples": result.samples, "verification_copy": notes,
-             "graph_optimization": "disabled (ORT_DISABLE_ALL)", "seconds": round(time.perf_counter() - t0, 2)})
-        atomic_write_json(path, report)
+        from quantkit.report.render import record
+
+        record(out_dir, "reference", result, pages=False)  # report.md/.html follow with the compile check
     return result
 
 

@@ -268,3 +268,30 @@ def test_guard_names_both_compute_capabilities():
         check_engine_compatible(meta, "RTX 3090", "8.6", "1.7.1.116")
     with pytest.raises(Exception, match=r"TensorRT-RTX 1\.7\.1\.116, this machine has TensorRT-RTX 1\.8\.0\.1"):
         check_engine_compatible(meta, "RTX 4090", "8.9", "1.8.0.1")
+
+
+def _nonzero_graph() -> onnx.ModelProto:
+    """masked_scatter / boolean indexing as torch.onnx exports them: a NonZero over a mask."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [2, None])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["mask"], name="is_positive"),
+             helper.make_node("NonZero", ["mask"], ["y"], name="where_positive")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], [zero]), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_op_only_tensorrt_rtx_lacks_is_not_checked_for_stand_in_targets(tmp_path):
+    """TensorRT-RTX has no NonZero (datacenter and Jetson TensorRT do): for thor and hopper, which it only
+    stands in for, that says nothing about the graph (not checked, not failed); for ada, an RTX target,
+    it is a real refusal that names the node and says where the op comes from."""
+    onnx.save(_nonzero_graph(), tmp_path / "model.onnx")
+    check = compile_check(tmp_path / "model.onnx", targets_for(["thor", "hopper"]))
+    assert [r.targets[0].sm for r in check.results] == ["sm120", "sm89"]
+    assert all(not r.parsed and r.refused_ops == ["NonZero"] for r in check.results)
+    assert check and check.verdict == "not checked" and check.failures == []
+    assert len(check.not_checked) == 2 and "not checked for thor: TensorRT-RTX has no NonZero" in check.not_checked[0]
+    assert check.to_dict()["passed"] is True and check.to_dict()["not_checked"] == check.not_checked
+
+    rtx = compile_check(tmp_path / "model.onnx", targets_for(["ada", "hopper"]))  # ada's own target wins sm89
+    assert not rtx and rtx.verdict == "failed" and len(rtx.failures) == 1
+    assert "node where_positive (NonZero)" in rtx.failures[0] and "masked_scatter" in rtx.failures[0]

@@ -449,3 +449,35 @@ def test_fp8_only_on_attention_matmuls_exports_standard_qdq(tmp_path):
     (out,) = ort_outputs(tmp_path / "model.onnx", {"image": x.numpy()})
     c = cosine(ref, out)
     assert c >= 0.999, f"ORT vs fake-quant cosine {c}"
+
+
+def test_type_clash_repair_follows_the_casts_downstream():
+    """An NVFP4 MatMul's FP16 output feeding T5's GELU (x + 0.044715 * x**3) in an FP32 graph: the Cast
+    that repairs the Mul retypes it, and the Add after it then clashes too. Both must be repaired, or a
+    strongly typed build refuses the Add ('SUM must have same input types: Half and Float')."""
+    from onnx import TensorProto, helper
+
+    from quantkit.export.surgery import repair_type_clashes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    three = helper.make_tensor("three", TensorProto.FLOAT16, [], [3.0])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [], [0.044715])
+    nodes = [helper.make_node("Pow", ["x", "three"], ["cube"], name="pow"),
+             helper.make_node("Mul", ["cube", "k"], ["scaled"], name="mul"),
+             helper.make_node("Add", ["x", "scaled"], ["y"], name="add")]
+    model = helper.make_model(helper.make_graph(nodes, "gelu", [x], [y], [three, k]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    count, notes = repair_type_clashes(model, TensorProto.FLOAT)
+    assert count == 2, notes
+    assert [n.op_type for n in model.graph.node].count("Cast") == 2
+    assert any("'mul'" in n for n in notes) and any("'add'" in n for n in notes)
+    # Type-consistent now: strict inference accepts every node.
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.array([[0.5, -1.0, 2.0, 0.25]] * 2, dtype=np.float16)
+    out = sess.run(None, {"x": a})[0]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, a.astype(np.float32) + 0.044715 * a.astype(np.float32) ** 3, rtol=1e-3)

@@ -254,12 +254,29 @@ def _retype_dq_for_consumers(model: onnx.ModelProto, index: GraphIndex, notes: l
     return changed
 
 
+# A Cast changes the type its consumer computes in, which can make the next op downstream clash
+# (T5's GELU: x + 0.044715 * x**3 with x an NVFP4 MatMul's FP16 output): repair until none is left.
+_MAX_REPAIR_PASSES = 16
+
+
 def repair_type_clashes(model: onnx.ModelProto, graph_type: int) -> tuple[int, list[str]]:
     """An op whose float inputs disagree (no DQ scale could fix it) gets a Cast to the graph's type.
 
     ModelOpt's NVFP4 exporter computes each NVFP4 MatMul in FP16 even in an FP32 graph and leaves
     the FP32 bias Add behind it; the Cast back to FP32 is what a strongly-typed build needs there.
+    The types are inferred again after each pass, since a Cast retypes everything downstream of it.
     """
+    total, notes = 0, []
+    for _ in range(_MAX_REPAIR_PASSES):
+        count, pass_notes = _repair_type_clashes_once(model, graph_type)
+        total += count
+        notes.extend(pass_notes)
+        if not count:
+            break
+    return total, notes
+
+
+def _repair_type_clashes_once(model: onnx.ModelProto, graph_type: int) -> tuple[int, list[str]]:
     index = GraphIndex.build(model)
     namer = set(index.producer) | set(index.initializers)
     added, notes = [], []

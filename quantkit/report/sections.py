@@ -253,7 +253,7 @@ def _compile_check_section(check: Any) -> Section | None:
                             rows, numeric={3, 4, 5}))
     notes = [str(t.get("note")) for r in check.get("targets") or [] if isinstance(r, Mapping)
              for t in r.get("targets") or [] if t.get("stand_in")]
-    warns = notes + [str(w) for w in check.get("warnings") or []]
+    warns = notes + [str(n) for n in check.get("not_checked") or []] + [str(w) for w in check.get("warnings") or []]
     if warns:
         blocks.append(BulletList(warns, "warn"))
     return Section("TensorRT compile check", blocks, "compile")

@@ -21,6 +21,15 @@ from quantkit.runtime.tensorrt.network import CompileResult, compile_network
 from quantkit.runtime.tensorrt.profiles import ShapeProfile, as_profile_sets, graph_input_shapes
 from quantkit.runtime.tensorrt.targets import CompileTarget, targets_for
 
+# Ops that TensorRT-RTX 1.7 does not implement while datacenter and Jetson TensorRT do (NVIDIA's
+# TensorRT-RTX issue 36, a gap named in its release notes). For a target that only stands in for a
+# TensorRT device (hopper, thor, orin) such a refusal says nothing about the graph there: not checked.
+# For an RTX target it is a real refusal, and the hint says where the op comes from.
+RTX_MISSING_OPS = {
+    "NonZero": "TensorRT-RTX has no NonZero layer (datacenter and Jetson TensorRT have one); torch.nonzero, "
+               "masked_scatter and boolean-mask indexing export to it",
+}
+
 # Without the recipe's build.profiles, every dynamic dimension gets this range (min, opt, max): the
 # check is of the graph's ops and types, and a range this small keeps the build quick.
 DEFAULT_DYNAMIC_RANGE = (1, 16, 64)
@@ -29,7 +38,7 @@ DEFAULT_DYNAMIC_RANGE = (1, 16, 64)
 @dataclass
 class CompileCheck:
     """The compile check of one graph: truthy unless a target failed to parse or build (a check
-    that could not run here, `skipped`, is not a failure)."""
+    that could not run here, `skipped`, or a target `not_checked`, is not a failure)."""
 
     onnx_file: str
     backend: str | None = None
@@ -40,18 +49,26 @@ class CompileCheck:
     warnings: list[str] = field(default_factory=list)  # ours, about the graph (FP32 compute for a GPU)
 
     def __bool__(self) -> bool:
-        return all(self.results)
+        return all(r or r.not_checked for r in self.results)
 
     @property
     def verdict(self) -> str:
         if self.skipped:
             return "skipped"
-        return "passed" if self else "failed"
+        if not self:
+            return "failed"
+        return "not checked" if self.results and all(r.not_checked for r in self.results) else "passed"
 
     @property
     def failures(self) -> list[str]:
         """One line per failed target, naming the target and the node or layer."""
-        return [f"{self.onnx_file} for {_where(r)}: {r.error}" for r in self.results if not r]
+        return [f"{self.onnx_file} for {_where(r)}: {r.error}" + _hint(r) for r in self.results
+                if not r and not r.not_checked]
+
+    @property
+    def not_checked(self) -> list[str]:
+        """One line per target this backend could not check, and why."""
+        return [f"{self.onnx_file} for {_where(r)}: {r.not_checked}" for r in self.results if r.not_checked]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,12 +76,37 @@ class CompileCheck:
             "backend": self.backend, "version": self.version, "skipped": self.skipped,
             "profiles": [[p.to_dict() for p in shapes] for shapes in self.profiles],
             "targets": [r.to_dict() for r in self.results], "failures": self.failures,
+            "not_checked": self.not_checked,
             "warnings": list(self.warnings),
         }
 
 
 def _where(r: CompileResult) -> str:
     return ", ".join(t.sm for t in r.targets) or "this GPU"
+
+
+def _missing_ops(r: CompileResult) -> list[str]:
+    """The ops TensorRT-RTX lacks that it refused, when those are all it refused."""
+    if r.parsed or not r.refused_ops or len(r.refused_ops) != len(r.parser_errors):
+        return []
+    return sorted(set(r.refused_ops)) if set(r.refused_ops) <= RTX_MISSING_OPS.keys() else []
+
+
+def _hint(r: CompileResult) -> str:
+    return "".join(f" ({RTX_MISSING_OPS[op]})" for op in _missing_ops(r))
+
+
+def _classify_backend_gaps(check: "CompileCheck", be) -> None:
+    """A TensorRT-RTX refusal of an op only TensorRT-RTX lacks, on targets that all stand in for
+    TensorRT devices, is `not_checked` rather than failed: the device's TensorRT builds that op."""
+    if be.name != trt_backend.TENSORRT_RTX:
+        return
+    for r in check.results:
+        ops = _missing_ops(r)
+        if ops and r.targets and all(t.stand_in for t in r.targets):
+            devices = ", ".join(sorted({t.device for t in r.targets if t.device}))
+            r.not_checked = (f"not checked for {devices}: {'; '.join(RTX_MISSING_OPS[op] for op in ops)}. "
+                             f"Build it on the device with build_engine.sh to check it there")
 
 
 def default_profile(onnx_path: str | os.PathLike) -> list[ShapeProfile]:
@@ -124,6 +166,7 @@ def compile_check(
         result = compile_network(onnx_path, sets, be, targets=group, workspace_gib=workspace_gib, opt_level=opt_level)
         result.engine = None  # measured, not kept: engines are tens of MB
         check.results.append(result)
+    _classify_backend_gaps(check, be)
     gpu = [t for t in gpu_targets if t != "cpu"]
     parsed = next((r for r in check.results if r.parsed), None)
     if gpu and parsed is not None:
@@ -193,5 +236,7 @@ def print_compile_check(check: CompileCheck) -> None:
                 console.info(t.note)
     for w in check.warnings:
         console.warn(w)
+    for n in check.not_checked:
+        console.warn(f"compile check: {n}")
     for f in check.failures:
         console.warn(f"compile check FAILED: {f}")

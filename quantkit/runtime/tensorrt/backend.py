@@ -150,6 +150,11 @@ def logger_for(trt):
     return _LOGGERS[trt]
 
 
+def parser_error_ops(parser) -> list[str]:
+    """The op type of each node the parser refused ('' where it named none)."""
+    return [_call(parser.get_error(i), "node_operator") or "" for i in range(parser.num_errors)]
+
+
 def parser_errors(parser) -> list[str]:
     out = []
     for i in range(parser.num_errors):

@@ -45,6 +45,8 @@ class CompileResult:
     targets: list[CompileTarget]  # empty: datacenter TensorRT, built for the GPU it ran on
     parsed: bool = False
     parser_errors: list[str] = field(default_factory=list)
+    refused_ops: list[str] = field(default_factory=list)  # op type of each refused node
+    not_checked: str | None = None  # why this refusal says nothing about the graph on its target
     layers: int = 0
     layers_by_dtype: dict[str, int] = field(default_factory=dict)
     compute_layers_by_dtype: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> dtype -> n
@@ -78,6 +80,7 @@ class CompileResult:
             "backend": self.backend, "version": self.version,
             "targets": [t.to_dict() for t in self.targets],
             "parsed": self.parsed, "parser_errors": list(self.parser_errors),
+            "refused_ops": list(self.refused_ops), "not_checked": self.not_checked,
             "layers": self.layers, "layers_by_dtype": dict(self.layers_by_dtype),
             "compute_layers_by_dtype": {k: dict(v) for k, v in self.compute_layers_by_dtype.items()},
             "profiles": self.profiles, "built": self.built, "build_error": self.build_error,
@@ -139,6 +142,7 @@ def compile_network(
         result.parsed = bool(parser.parse_from_file(str(onnx_path)))
         if not result.parsed:
             result.parser_errors = _backend.parser_errors(parser) or list(said.errors) or ["no detail given"]
+            result.refused_ops = [op for op in _backend.parser_error_ops(parser) if op]
             result.warnings = _warnings(said)
             return result
         result.layers, result.layers_by_dtype, result.compute_layers_by_dtype = count_layers(network)

@@ -595,6 +595,10 @@ def test_build_script_has_one_shape_triple_per_profile(tmp_path):
     argv = _trtexec_argv(script)
     assert [a for a in argv if a.startswith("--minShapes")] == ["--minShapes=x:1x4", "--minShapes=x:8x4"]
     assert [a for a in argv if a.startswith("--maxShapes")] == ["--maxShapes=x:4x4", "--maxShapes=x:32x4"]
+    # trtexec refuses repeated triples without --profile=N in front of each (TensorRT 10's sampleOptions.cpp).
+    shape_args = [a for a in argv if a.startswith(("--profile", "--minShapes", "--optShapes", "--maxShapes"))]
+    assert shape_args == ["--profile=0", "--minShapes=x:1x4", "--optShapes=x:2x4", "--maxShapes=x:4x4",
+                          "--profile=1", "--minShapes=x:8x4", "--optShapes=x:16x4", "--maxShapes=x:32x4"]
     assert "2 optimization profiles in one engine" in script.read_text()
 
 

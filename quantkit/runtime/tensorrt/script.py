@@ -47,8 +47,11 @@ def write_build_script(
     partial = f"{engine_name}.partial"
     argv = [f"--onnx={onnx_name}", "--stronglyTyped", f"--saveEngine={partial}"]
     sets = as_profile_sets(profiles)
-    # One --minShapes/--optShapes/--maxShapes triple per optimization profile, in profile order.
-    for shapes in sets:
+    # One --minShapes/--optShapes/--maxShapes triple per optimization profile. trtexec (TensorRT >= 10.0,
+    # samples/common/sampleOptions.cpp) refuses repeated triples unless each follows its --profile=N.
+    for index, shapes in enumerate(sets):
+        if len(sets) > 1:
+            argv.append(f"--profile={index}")
         for flag, which in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
             spec = ",".join(f"{p.name}:{dims_text(getattr(p, which))}" for p in shapes)
             argv.append(f"{flag}={spec}")
@@ -69,8 +72,8 @@ def write_build_script(
         f"# script) to the target and run: bash {SCRIPT_NAME}",
     ]
     if len(sets) > 1:
-        lines.append(f"# {len(sets)} optimization profiles in one engine: one shape triple each, in order "
-                     "(as TensorRT's trtexec takes repeated --minShapes/--optShapes/--maxShapes).")
+        lines.append(f"# {len(sets)} optimization profiles in one engine: --profile=N, then its shape triple "
+                     "(trtexec of TensorRT 10.0 or later).")
     if needs:
         lines.append(f"# This graph needs TensorRT >= {needs}:")
         lines += [f"#   - {_one_line(r)}" for r in reasons]

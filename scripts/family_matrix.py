@@ -29,6 +29,16 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.6f}" if isinstance(x, float) else str(x)
 
 
+def _compiled(row: dict) -> str:
+    """'sm89 built 1.2 MiB; sm120 not checked' from the row's compile check."""
+    parts = []
+    for sm, r in (row.get("compile") or {}).items():
+        state = ("not checked" if r["not_checked"] else f"built {r['engine_bytes'] / 2**20:.1f} MiB" if r["built"]
+                 else "parsed, build FAILED" if r["parsed"] else "parse FAILED")
+        parts.append(f"{sm} {state}")
+    return "; ".join(parts) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families (repeatable)")
@@ -53,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
                 print(f"  {family} {recipe}: quantize {row['quantize']} export {row.get('export', '-')} "
                       f"({row['seconds']} s)", file=sys.stderr, flush=True)
-    header = ("family", "recipe", "quantize", "export", "cosine", "audit violations", "ORT worst", "basis", "s")
+    header = ("family", "recipe", "quantize", "export", "cosine", "audit violations", "ORT worst", "basis",
+              "TensorRT-RTX compile", "s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         per_block = r.get("ort_per_block") or {}
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         violations = r.get("violations")
         lines.append("| " + " | ".join([
             r["family"], r["recipe"], _fmt(r["quantize"]), _fmt(r.get("export")), _fmt(r.get("cosine")),
-            "-" if violations is None else str(len(violations)), _fmt(worst), basis, _fmt(r["seconds"])]) + " |")
+            "-" if violations is None else str(len(violations)), _fmt(worst), basis, _compiled(r), _fmt(r["seconds"])]) + " |")
     print("\n".join(lines))
     failures = [r for r in rows if r["quantize"] != 0 or r.get("export") != 0 or r.get("violations")]
     for r in failures:

@@ -325,6 +325,10 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
         row["violations"] = audit["violations"]
         row["audit_counts"] = audit["counts"]
     report = json.loads(report_path.read_text())
+    check = report.get("compile_check") or {}
+    row["compile"] = {", ".join(t["sm"] for t in r["targets"]): {k: r[k] for k in ("parsed", "built", "engine_bytes", "not_checked")}
+                      for r in check.get("targets") or []}
+    row["compile_verdict"] = check.get("verdict")
     per_block = report.get("onnxruntime_vs_fake_quant_per_block") or {}
     row["ort_per_block"] = {k: v["cosine"] for k, v in per_block.items()}
     row["ort_end_to_end"] = {k: v["cosine"] for k, v in (report.get("onnxruntime_vs_fake_quant") or {}).items()}

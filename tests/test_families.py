@@ -114,6 +114,10 @@ def test_family_through_quantize_export_audit_and_onnxruntime(family, recipe, tm
     assert row["quantize"] == 0, row["quantize_message"]
     assert row["export"] == 0, row["export_message"]
     assert row["violations"] == []
+    # The TensorRT-RTX compile check of the exported graph, for each of the recipe's targets.
+    assert row["compile"] and row["compile_verdict"] in ("passed", "not checked"), row["compile"]
+    for sm, r in row["compile"].items():
+        assert r["not_checked"] or (r["parsed"] and r["built"] and r["engine_bytes"] > 0), (sm, r)
     assert row["roles"] == EXPECTED_ROLES[family]  # "?" would count layers whose role was not inferred
     _check_precisions(recipe, row["precision_by_role"])
     assert set(row["protections"]) >= EXPECTED_PROTECTIONS[family], row["protections"]

@@ -246,13 +246,18 @@ class DataParallel:
         return self._sharded[2], self._sharded[3]
 
     def forward_loop(self, calib_part: "CalibrationSet", *, batch_size: int, device: torch.device | str,
-                     dtype: torch.dtype | None, progress: bool = True) -> Callable[["nn.Module"], None]:
-        """A forward_loop for mtq.quantize: this rank's batches, then the cross-rank reduction."""
+                     dtype: torch.dtype | None, progress: bool = True,
+                     wrap: Callable | None = None) -> Callable[["nn.Module"], None]:
+        """A forward_loop for mtq.quantize: this rank's batches, then the cross-rank reduction.
+        `wrap` (e.g. quantkit.max_calibration.device_max_calibration) wraps this rank's own loop, so
+        that its statistics are in the calibrators before the reduction reads them."""
         groups, shards = self.shards(calib_part, batch_size)
         mine = shards[self.rank]
         inner = calib_part.forward_loop(batch_size, device=device, dtype=dtype, progress=progress,
                                         groups=[groups[i] for i in mine.batches],
                                         desc=f"calibrate {self.label} ({mine.samples} of {len(calib_part)} samples)")
+        if wrap is not None:
+            inner = wrap(inner)
 
         def loop(model: "nn.Module") -> None:
             self._check_same_job(model, len(calib_part), groups)

@@ -374,7 +374,8 @@ def _check_something_is_quantized(plan: Plan, recipe: Recipe, model_spec: str) -
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: str, device: torch.device,
-                   batch_size: int, strict: bool = False, data_parallel=None, allow_nothing: bool = False) -> Plan:
+                   batch_size: int, strict: bool = False, data_parallel=None, allow_nothing: bool = False,
+                   device_stats: bool = True) -> Plan:
     """prepare + mtq.quantize on `calib_part`, in place; checks that the quantizers match the plan.
 
     A quantizing recipe that reaches no layer is a PlanError unless `allow_nothing` (sensitivity's
@@ -382,29 +383,40 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib_part, *, dtype: st
 
     With `data_parallel` (a quantkit.distributed.DataParallel) this rank calibrates its shard of
     `calib_part` and the statistics are reduced across ranks (the same amax as one process).
+
+    With `device_stats` (the default) a max-calibrated plan collects its statistics on the device
+    (quantkit.max_calibration: ModelOpt's amax bit for bit, without a host sync per quantizer call);
+    other algorithms (smoothquant, awq, the rules' weight algorithms) run ModelOpt's own loop.
     """
     import modelopt.torch.quantization as mtq
 
     from quantkit import attention
+    from quantkit.max_calibration import device_max_calibration
     from quantkit.modelopt_config import build_quant_config
+    from quantkit.plan import calibration_algorithm
 
     plan = prepare(loaded, recipe, dtype, device, strict=strict)
     if not allow_nothing:
         _check_something_is_quantized(plan, recipe, loaded.spec)
     enable_cpu_nvfp4_if_needed(loaded.model, plan, device)
     config = build_quant_config(plan)
+    fast = device_max_calibration if device_stats and calibration_algorithm(plan) == "max" else None
     if data_parallel is not None:
         from quantkit.distributed import check_plan
 
         check_plan(plan)
         forward_loop = data_parallel.forward_loop(calib_part, batch_size=batch_size, device=device,
                                                   dtype=_torch_dtype(dtype), progress=not console.is_quiet())
+        calibrate_loop = (data_parallel.forward_loop(calib_part, batch_size=batch_size, device=device,
+                                                     dtype=_torch_dtype(dtype), progress=not console.is_quiet(),
+                                                     wrap=fast) if fast else forward_loop)
     else:
         forward_loop = calib_part.forward_loop(batch_size=batch_size, device=device, dtype=_torch_dtype(dtype),
                                                progress=not console.is_quiet())
+        calibrate_loop = fast(forward_loop) if fast else forward_loop
     with torch.no_grad():
         with _quiet_stdout(), _naming_the_model(loaded):
-            mtq.quantize(loaded.model, config, forward_loop)
+            mtq.quantize(loaded.model, config, calibrate_loop)
             run_weight_algorithms(loaded.model, plan, forward_loop)
         finish_histogram_calibration(loaded.model, plan)
         # A FP16/BF16 graph holds dtype(amax / 448): make that the step PyTorch uses too (graph_scales.py).

@@ -55,6 +55,42 @@ def set_calib_amax(cal: Any, value: Any) -> None:
     cal._calib_amax = value
 
 
+def is_plain_max_calibrator(cal: Any) -> bool:
+    """Whether `cal` is ModelOpt's MaxCalibrator itself (not a subclass) and keeps no per-call amax
+    list: the calibrator whose running max quantkit.calib.device_amax reproduces bit for bit."""
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    return type(cal) is MaxCalibrator and not bool(_req(cal, "_track_amax", "MaxCalibrator"))
+
+
+def calibrator_axis(cal: Any) -> Any:
+    """The quantization axis a calibrator keeps (None: per tensor)."""
+    return _req(cal, "_axis", type(cal).__name__)
+
+
+def reduce_axis_of(x: Any, axis: Any) -> Any:
+    """The dimensions MaxCalibrator.collect reduces for quantization `axis` (None: all of them)."""
+    from modelopt.torch.quantization import utils as quant_utils
+
+    return _req(quant_utils, "convert_quantization_axis_to_reduce_axis")(x, axis)
+
+
+@contextlib.contextmanager
+def collect_replaced(calibrators: list[Any], collectors: list[Callable[[Any], None]]) -> Iterator[None]:
+    """Each calibrator's `collect` (what TensorQuantizer.collect calls with the tensor it sees) is
+    the matching collector for the duration of the block; ModelOpt's own method afterwards."""
+    for cal in calibrators:
+        if not callable(getattr(type(cal), "collect", None)) or "collect" in vars(cal):
+            _req(object(), "collect (a method, not already replaced)", type(cal).__name__)
+    try:
+        for cal, fn in zip(calibrators, collectors):
+            cal.collect = fn  # an instance attribute: this object only, removed below
+        yield
+    finally:
+        for cal in calibrators:
+            vars(cal).pop("collect", None)
+
+
 def uses_constant_amax(quantizer: Any) -> bool:
     """Quantizers ModelOpt gives a fixed amax (FP8 E4M3's 448) rather than a calibrated one."""
     if not _is_tensor_quantizer(quantizer):

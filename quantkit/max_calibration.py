@@ -83,7 +83,7 @@ class RunningAmax:
 def calibrating_max_quantizers(model: nn.Module) -> list[tuple[str, Any]]:
     """(name, calibrator) of every quantizer of `model` collecting statistics now with a plain
     MaxCalibrator (histogram calibrators and tracking ones keep ModelOpt's own collect)."""
-    from quantkit.compat.modelopt import calibrator, is_calibrating, is_plain_max_calibrator
+    from quantkit.compat.modelopt import calibrator, is_calibrating, is_dynamic, is_plain_max_calibrator
 
     out = []
     seen: set[int] = set()
@@ -91,7 +91,7 @@ def calibrating_max_quantizers(model: nn.Module) -> list[tuple[str, Any]]:
         cal = calibrator(m)
         if cal is None or id(cal) in seen or not is_calibrating(m) or not is_plain_max_calibrator(cal):
             continue
-        if getattr(m, "_dynamic", False):  # dynamic quantizers never collect
+        if is_dynamic(m):  # dynamic quantizers never collect
             continue
         seen.add(id(cal))
         out.append((name, cal))

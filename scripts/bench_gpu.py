@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 RECIPES = ("fp8", "balanced", "int8-smoothquant")
+STAGES = ("calibration", "sensitivity", "runtime", "gemm", "decoder-ptq", "vision-ptq", "vision-onnx", "decoder-onnx")
 CALIB_SAMPLES = 512
 
 
@@ -67,14 +68,14 @@ def sizes(smoke: bool) -> dict[str, Any]:
             vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                         image_size=56, patch_size=14),
             calib_seq=32, calib_samples=64, batch_size=8, shapes=[(1, 256), (2, 256)], iters=10, rounds=2,
-            gemm_tokens=[256])
+            gemm_tokens=[256], calib_batches=[8, 16], sensitivity_samples=32)
     return dict(
         decoder=dict(vocab_size=32000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
                      num_attention_heads=8, num_key_value_heads=1, head_dim=256),
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                     image_size=224, patch_size=14),
         calib_seq=256, calib_samples=CALIB_SAMPLES, batch_size=8, shapes=[(1, 2048), (8, 2048)], iters=10, rounds=3,
-        gemm_tokens=[2048, 16384])
+        gemm_tokens=[2048, 16384], calib_batches=[8, 64], sensitivity_samples=64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +618,131 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration speed against the compiled BF16 forward, and sensitivity
+
+
+def quantizer_amaxes(model) -> dict[str, torch.Tensor]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m._amax.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and "_amax" in m._buffers}
+
+
+def timed_passes(fn: Callable[[], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def calibration_stage(s: dict[str, Any], device: str, calibration) -> dict[str, Any]:
+    """fp8 calibration of the decoder on the 512 calibration samples, with the statistics on the device
+    (quantkit's default) and with ModelOpt's own collect, at each batch size of s["calib_batches"]:
+    forward-loop tokens/s, calibrate+quantize seconds, and whether every quantizer's amax is bitwise
+    ModelOpt's; beside it the BF16 model's forward over the same batches, eager and compiled
+    (quantkit.runtime.torch_fp8.compile_model, as the runtime stage compiles it)."""
+    from quantkit import ptq
+    from quantkit.recipe import load_recipe
+    from quantkit.runtime.torch_fp8 import compile_model
+
+    recipe = load_recipe("fp8")
+    calib_part, _ = ptq.split_calibration(calibration, recipe)
+    tokens = len(calib_part) * s["calib_seq"]
+    out: dict[str, Any] = {"recipe": "fp8", "samples": len(calib_part), "seq": s["calib_seq"], "tokens": tokens,
+                           "calibration": [], "bf16_forward": [], "amax_bitwise": []}
+    for bs in s["calib_batches"]:
+        amax = {}
+        for stats in ("device", "modelopt"):
+            loaded = build_decoder(s["decoder"], device)
+            timer = CalibrationTimer()
+            with timer.installed():
+                t0 = time.perf_counter()
+                ptq.quantize_model(loaded, recipe, calib_part, dtype="bf16", device=torch.device(device), batch_size=bs,
+                                   device_stats=stats == "device")
+                sync()
+                total = time.perf_counter() - t0
+            loop_s = timer.passes[0]["seconds"]
+            out["calibration"].append({"batch": bs, "stats": stats, "forward_loop_s": loop_s,
+                                       "tokens_per_s": round(tokens / loop_s), "calibrate_quantize_s": round(total, 2)})
+            print(f"[bench] calibration batch {bs} {stats}: {tokens / loop_s:,.0f} tokens/s, "
+                  f"loop {loop_s:.2f} s, calibrate+quantize {total:.2f} s", flush=True)
+            amax[stats] = quantizer_amaxes(loaded.model)
+            del loaded
+            cleanup()
+        mine, theirs = amax["device"], amax["modelopt"]
+        equal = [n for n in theirs if n in mine and mine[n].dtype == theirs[n].dtype and torch.equal(mine[n], theirs[n])]
+        out["amax_bitwise"].append({"batch": bs, "quantizers": len(theirs), "same_names": set(mine) == set(theirs),
+                                    "bitwise_equal": len(equal),
+                                    "differ": [n for n in theirs if n not in equal][:5]})
+        del amax, mine, theirs
+    base = build_decoder(s["decoder"], device)
+    batches = {bs: [kw for _, kw in calib_part.batches(bs, device=device, dtype=torch.bfloat16)]
+               for bs in s["calib_batches"]}
+
+    def forward_all(bs: int) -> None:
+        with torch.inference_mode():
+            for kw in batches[bs]:
+                base.model(**kw)
+
+    for mode in ("eager", "compiled"):
+        if mode == "compiled":
+            compile_model(base.model)
+        for bs in s["calib_batches"]:
+            t0 = time.perf_counter()
+            forward_all(bs)  # warm-up (and compile)
+            sync()
+            warm = time.perf_counter() - t0
+            times = timed_passes(lambda: forward_all(bs), 3)
+            med = statistics.median(times)
+            out["bf16_forward"].append({"mode": mode, "batch": bs, "pass_s": round(med, 3),
+                                        "tokens_per_s": round(tokens / med), "warmup_s": round(warm, 1),
+                                        "passes_s": [round(t, 3) for t in times]})
+            print(f"[bench] BF16 {mode} batch {bs}: {tokens / med:,.0f} tokens/s", flush=True)
+    best = max(r["tokens_per_s"] for r in out["bf16_forward"] if r["mode"] == "compiled")
+    for r in out["calibration"]:
+        r["vs_best_compiled_bf16"] = round(r["tokens_per_s"] / best, 3)
+        same = next(b for b in out["bf16_forward"] if b["mode"] == "compiled" and b["batch"] == r["batch"])
+        r["vs_compiled_bf16_same_batch"] = round(r["tokens_per_s"] / same["tokens_per_s"], 3)
+    del base, batches
+    cleanup()
+    return out
+
+
+def sensitivity_stage(s: dict[str, Any], device: str, calibration, limit_s: float) -> dict[str, Any]:
+    """`quantkit sensitivity --recipe balanced` on the decoder as the CLI runs it (its default 64 samples,
+    target 0.99, granularity auto, the suggestion verified by a fresh quantize), timed."""
+    from quantkit import sensitivity
+    from quantkit.recipe import load_recipe
+
+    n = s["sensitivity_samples"]
+    subset = calibration.subset(range(min(n, len(calibration))))
+    out: dict[str, Any] = {"recipe": "balanced", "samples": len(subset), "target": 0.99, "time_limit_s": round(limit_s)}
+    t0 = time.perf_counter()
+    try:
+        with stage_memory(out, "peak_gpu_gib"), time_limit(limit_s):
+            result = sensitivity.analyse(lambda: build_decoder(s["decoder"], device), load_recipe("balanced"), subset,
+                                         target_cosine=0.99, granularity="auto", dtype="bf16", device=device,
+                                         batch_size=s["batch_size"])
+            sync()
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        d = result.to_dict()
+        out.update({k: d.get(k) for k in ("granularity", "full_cosine", "reached_cosine", "reached", "keep",
+                                          "keep_attention", "heldout_samples", "steps")})
+        out["units"] = len(d["ranking"])
+        # the full recipe, each unit alone, then each greedy/pruning step (the verify step quantizes afresh)
+        out["evaluations"] = 1 + out["units"] + len(d["steps"]) - 1
+    except StageTimeout as e:
+        out["stopped"] = str(e)
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+    cleanup()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -710,6 +836,28 @@ def print_tables(report: dict[str, Any]) -> None:
                   f"calibrate+quantize {rt.get('calibrate_quantize_s')} s; FP8 eager vs ModelOpt fake quant cosine "
                   f"{rt.get('fp8_eager_vs_fake_quant_cosine')}; BF16 vs FP32 cosine {rt.get('bf16_vs_fp32_cosine')}; "
                   f"fused groups {rt.get('fused_groups')}; compile s {rt.get('compile_s')}")
+    cal = report.get("calibration")
+    if cal:
+        t = Table(title=f"calibration ({cal['recipe']}) of the decoder on {cal['samples']} samples x {cal['seq']} tokens "
+                        f"vs the BF16 forward over the same batches")
+        for c in ("what", "batch", "tokens/s", "vs compiled BF16 (same batch)", "vs best compiled BF16", "loop s",
+                  "calibrate+quantize s"):
+            t.add_column(c, justify="right" if c != "what" else "left")
+        for r in cal["bf16_forward"]:
+            t.add_row(f"BF16 forward, {r['mode']}", str(r["batch"]), f"{r['tokens_per_s']:,}", "-", "-",
+                      f"{r['pass_s']:.3f}", "-")
+        for r in cal["calibration"]:
+            t.add_row(f"calibration, stats: {r['stats']}", str(r["batch"]), f"{r['tokens_per_s']:,}",
+                      f"{r.get('vs_compiled_bf16_same_batch', '-')}", f"{r.get('vs_best_compiled_bf16', '-')}",
+                      f"{r['forward_loop_s']:.3f}", f"{r['calibrate_quantize_s']}")
+        con.print(t)
+        con.print(f"amax device vs ModelOpt: {cal['amax_bitwise']}")
+    sens = report.get("sensitivity")
+    if sens:
+        con.print(f"sensitivity balanced on the decoder: {sens.get('seconds')} s, {sens.get('evaluations')} evaluations, "
+                  f"{sens.get('units')} units ({sens.get('granularity')}), full {sens.get('full_cosine')}, reached "
+                  f"{sens.get('reached_cosine')} ({sens.get('reached')}), keep {sens.get('keep')}, "
+                  f"{sens.get('stopped', '')}")
     for e in report.get("errors", []):
         con.print(f"[red]error[/red] {e['stage']}: {e['error']}")
 
@@ -724,8 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new stages after this many seconds")
     p.add_argument("--modelopt-ext", choices=("skip", "jit"), default="skip",
                    help="skip: ModelOpt's PyTorch FP8/INT8 fake quant; jit: build its CUDA extensions first (~60 s each)")
-    p.add_argument("--skip", nargs="*", default=[],
-                   choices=("runtime", "gemm", "decoder-ptq", "vision-ptq", "vision-onnx", "decoder-onnx"))
+    p.add_argument("--skip", nargs="*", default=[], choices=STAGES, help="stages not to run")
+    p.add_argument("--only", nargs="*", default=None, choices=STAGES,
+                   help="run just these stages (e.g. --only calibration sensitivity: a few minutes)")
     p.add_argument("--device", default=None, help="default: cuda if available")
     args = p.parse_args(argv)
 
@@ -746,8 +895,8 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     def run(stage: str, need_s: float, fn: Callable[[], Any]) -> Any:
-        if stage.split(":")[0] in args.skip:
-            report["skipped"].append({"stage": stage, "why": "--skip"})
+        if stage.split(":")[0] in args.skip or (args.only is not None and stage.split(":")[0] not in args.only):
+            report["skipped"].append({"stage": stage, "why": "--skip/--only"})
             return None
         if budget.left() < need_s:
             report["skipped"].append({"stage": stage, "why": f"budget: {budget.left():.0f} s left, needs ~{need_s:.0f}"})
@@ -789,6 +938,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.startswith("cuda")
     fp8_gpu = cuda and torch.cuda.get_device_capability() >= (8, 9)
 
+    report["calibration"] = run("calibration", 60, lambda: calibration_stage(s, device, dec_calib))
+    report["sensitivity"] = run("sensitivity", 60, lambda: sensitivity_stage(
+        s, device, dec_calib, min(300.0, budget.left() - 30)))
     if fp8_gpu or (args.smoke and not cuda):  # on a CPU only as a check of the code path
         report["runtime"] = run("runtime", 150, lambda: runtime_stage(s, device, dec_calib, budget))
     if fp8_gpu:
@@ -800,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     # ONNX export of each vision model right after its PTQ, each under a time limit that keeps the
     # decoder export and the final table inside the budget.
-    do_export = "vision-onnx" not in args.skip
+    do_export = "vision-onnx" not in args.skip and (args.only is None or "vision-onnx" in args.only)
     for recipe in RECIPES:
         row = run(f"vision-ptq:{recipe}", 40, lambda: ptq_stage(
             "vision", lambda: build_vision(s["vision"], device), vis_calib, recipe, s, device,

@@ -55,6 +55,11 @@ def set_calib_amax(cal: Any, value: Any) -> None:
     cal._calib_amax = value
 
 
+def is_dynamic(quantizer: Any) -> bool:
+    """Whether the quantizer computes its scale per call (it collects no calibration statistics)."""
+    return bool(_req(quantizer, "_dynamic", "TensorQuantizer"))
+
+
 def is_plain_max_calibrator(cal: Any) -> bool:
     """Whether `cal` is ModelOpt's MaxCalibrator itself (not a subclass) and keeps no per-call amax
     list: the calibrator whose running max quantkit.calib.device_amax reproduces bit for bit."""

@@ -41,21 +41,19 @@ class RunningAmax:
         self.fallbacks = 0
 
     def __call__(self, x: torch.Tensor) -> None:
-        from quantkit.compat.modelopt import reduce_axis_of
+        from quantkit.compat.modelopt import calib_amax, reduce_axis_of
 
         if x.device.type == "meta" or x.dtype not in _EXACT_DTYPES:
             # ModelOpt's own collect on the value so far, and continue from its result.
             self._sync_into_calibrator()
             self.fallback(x)
-            from quantkit.compat.modelopt import calib_amax
-
             value = calib_amax(self.calibrator)
             self.amax = None if value is None else value.detach().clone()
             self.fallbacks += 1
             return
         dims = reduce_axis_of(x, self.axis)
         # max |x| in one pass: abs and max are exact, so this is maximum(|amax|, |amin|) to the bit,
-        # and vector_norm propagates NaN as amax does (checked once, in `finish`).
+        # and vector_norm propagates NaN as amax does (checked once, after the loop: _check_finite).
         if dims is None:
             local = torch.linalg.vector_norm(x.detach(), ord=math.inf)
         else:
@@ -67,6 +65,8 @@ class RunningAmax:
             self.amax = local
         elif local.shape != self.amax.shape:
             raise RuntimeError(f"{self.name}: amax shape changed! ({tuple(self.amax.shape)} -> {tuple(local.shape)})")
+        elif local.dtype != self.amax.dtype or local.device != self.amax.device:
+            self.amax = torch.maximum(self.amax, local)  # promoted as ModelOpt's torch.max promotes
         else:
             torch.maximum(self.amax, local, out=self.amax)
 

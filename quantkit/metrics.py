@@ -249,6 +249,13 @@ class MetricsAccumulator:
             self._sample.append(e)
             return
         keys = self._rng.random(e.size)
+        if self._keys.size == self.reservoir_size:
+            # A full reservoir keeps the k smallest keys seen: a new value whose key is not below the
+            # largest kept one cannot enter, so only the others go into the partition (the same set).
+            entering = keys < self._keys.max()
+            if not entering.all():
+                self._sampled = True
+                keys, e = keys[entering], e[entering]
         if self._sample:
             keys = np.concatenate([self._keys, keys])
             e = np.concatenate([self._sample[0], e])

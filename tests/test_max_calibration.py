@@ -68,6 +68,29 @@ def _amaxes(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, TensorQuantizer) and "_amax" in m._buffers}
 
 
+@pytest.mark.parametrize("axis", [None, 0, (0, 2)])
+def test_running_amax_equals_max_calibrator_collect(axis):
+    """The collector alone against ModelOpt's MaxCalibrator on one sequence of tensors: signs, zeros,
+    a dtype change mid-way (ModelOpt's torch.max promotes), a starting value."""
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(6, 4, 3, generator=g).to(torch.bfloat16), -torch.randn(6, 4, 3, generator=g).to(torch.bfloat16) * 9,
+          torch.zeros(6, 4, 3, dtype=torch.bfloat16), torch.randn(6, 4, 3, generator=g) * 3]
+    theirs, ours = MaxCalibrator(axis=axis), MaxCalibrator(axis=axis)
+    theirs.collect(xs[0])
+    ours.collect(xs[0])
+    acc = max_calibration.RunningAmax("q", ours, ours.collect)
+    for x in xs[1:]:
+        theirs.collect(x)
+        acc(x)
+    acc.finish()
+    want, got = theirs.compute_amax(), ours.compute_amax()
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert acc.calls == 3 and acc.fallbacks == 0
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_amax_bitwise_equal_to_modelopt_max_calibration(dtype):
     recipe = recipe_from_dict(RECIPE)

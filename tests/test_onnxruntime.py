@@ -112,6 +112,31 @@ def exported_run(tmp_path_factory):
     return out
 
 
+def test_opset_17_fp16_graph_is_converted_not_relabelled(tmp_path):
+    """An FP16 graph exported at opset 17 (the fp16 recipe's opset): ReduceMean takes `axes` as an attribute
+    there and as an input from opset 18. Relabelling the copy 21 made it an invalid graph (gemma, llama,
+    qwen2, t5 x fp16 exports died in InferenceSession); the copy is converted op by op."""
+    nodes = [helper.make_node("Cast", ["x"], ["xh"], to=TensorProto.FLOAT16),
+             helper.make_node("ReduceMean", ["xh"], ["mh"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["xh", "mh"], ["dh"]),
+             helper.make_node("Cast", ["dh"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])])
+    path = tmp_path / "rms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    runner = verification_runner(path)
+    assert "opset 17 -> 21" in runner.notes
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    xh = x.half()
+    want = (xh - xh.float().mean(-1, keepdim=True).half()).float()
+    got = runner.run({"x": x})["y"]
+    assert got.shape == (3, 8)
+    assert torch.equal(got, want)
+    copy, _ = verification_copy(onnx.load(str(path)))
+    reduce = next(n for n in copy.graph.node if n.op_type == "ReduceMean")
+    assert len(reduce.input) == 2 and not [a for a in reduce.attribute if a.name == "axes"]
+
+
 def test_reference_run_writes_report_metrics(exported_run):
     from quantkit.verify.reference import reference_run
 

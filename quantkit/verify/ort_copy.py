@@ -257,17 +257,32 @@ def verification_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
                          "(the CPU provider would skip the roundings between its FP32 fallback kernels)")
     used = {n.domain for n in out.graph.node}
     imports = [o for o in out.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
-    for o in imports:
-        if o.domain in ("", "ai.onnx") and o.version < VERIFICATION_MIN_OPSET:
-            notes.append(f"opset {o.version} -> {VERIFICATION_MIN_OPSET}")
-            o.version = VERIFICATION_MIN_OPSET
     del out.opset_import[:]
     out.opset_import.extend(imports)
     del out.graph.value_info[:]
     custom = sorted({f"{n.domain}::{n.op_type}" for n in out.graph.node if n.domain not in ("", "ai.onnx")})
     if custom:
         raise UnsupportedGraph(f"ONNX Runtime cannot run {', '.join(custom)}; no standard-op equivalent is known")
+    version = next((o.version for o in imports if o.domain in ("", "ai.onnx")), VERIFICATION_MIN_OPSET)
+    if version < VERIFICATION_MIN_OPSET:
+        out = _upgrade_opset(out, version)
+        notes.append(f"opset {version} -> {VERIFICATION_MIN_OPSET}")
     return out, notes
+
+
+def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The graph in opset VERIFICATION_MIN_OPSET, each op rewritten to that opset's form.
+
+    Raising the version number alone is not enough: ops changed signature in between (opset 18 moved
+    ReduceMean's `axes` from an attribute to an input, so a 17 graph relabelled 21 is invalid)."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, VERIFICATION_MIN_OPSET)
+    except Exception as e:  # noqa: BLE001 — onnx raises several types; the message names the op
+        raise UnsupportedGraph(f"cannot convert the graph from opset {version} to {VERIFICATION_MIN_OPSET} for "
+                               f"ONNX Runtime's reference ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                               ) from None
 
 
 def _add_outputs(model: onnx.ModelProto, names: list[str]) -> None:

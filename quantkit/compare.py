@@ -182,7 +182,10 @@ class _GraphRuntime:
     def run_batch(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         from quantkit.verify.reference import named_inputs
 
-        out = self.runner.run(named_inputs(self.loaded, args, kwargs))
+        from quantkit.io_names import to_model_outputs
+
+        out = to_model_outputs(self.runner.run(named_inputs(self.loaded, args, kwargs)), self.loaded.input_names,
+                               self.loaded.output_names)
         missing = [n for n in self.loaded.output_names if n not in out]
         if missing:
             raise QuantkitError(f"{self.name} returned no {missing} (it gave {sorted(out)})")

@@ -108,10 +108,18 @@ def apply_layer_dtypes(model: nn.Module, rows: list[Any], model_dtype: torch.dty
 
     With `called` (the modules a probe forward called), a layer the model never calls is left as it
     is, its row set to skip with a note: its weights are read by another module (ACT's learned queries
-    `self.query.weight`), so no cast at its own boundaries could keep the new dtype from leaking."""
+    `self.query.weight`), so no cast at its own boundaries could keep the new dtype from leaking. Unless
+    the weights are shared with a called layer planned the same (T5's `shared` and the
+    `encoder.embed_tokens` the model calls): casting that one casts them, so the row holds."""
     modules = dict(model.named_modules())
     changed = []
+    planned = {row.name: row.precision for row in rows}
     for row in island_rows(rows, model_dtype):
+        cast_with = [n for n in getattr(row, "shares_weight_with", []) or []
+                     if called is not None and n in called and planned.get(n) == row.precision]
+        if called is not None and row.name not in called and cast_with:
+            row.note = f"not called by the model; its weights are {row.precision} as those of {cast_with[0]}, which is"
+            continue
         if called is not None and row.name not in called:
             row.note = (f"planned {row.precision} ({row.rule}), but the model reads its weights without calling "
                         "it: left as the model has it (a cast would leak into the modules reading them)")

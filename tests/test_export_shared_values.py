@@ -55,14 +55,17 @@ def test_exporter_assertion_is_one_line_naming_the_layer():
     assert str(onnx_export._exporter_failure(AssertionError("x"))) == "ModelOpt's ONNX exporter failed: x"
 
 
-def test_output_named_as_an_input_is_refused(tmp_path):
-    """`sample` in and `sample` out (diffusers' UNet): the exported graph was the input itself (0 nodes)."""
+def test_output_named_as_an_input_is_exported_under_its_own_graph_name(tmp_path):
+    """`sample` in and `sample` out (diffusers' UNet): the exported graph was the input itself (0 nodes),
+    then it was refused; now the output is `sample_out` in the graph (tests/test_family_export_fixes.py
+    checks the ONNX Runtime pairing)."""
 
     class Residual(nn.Module):
         def forward(self, sample):
             return sample * 2 + 1
 
-    with pytest.raises(ExportError, match=r"^output 'sample' has the name of an input; "):
-        onnx_export.export_model(Residual(), {"sample": torch.randn(2, 3)}, tmp_path / "m.onnx",
-                                 input_names=["sample"], output_names=["sample"])
-    assert not (tmp_path / "m.onnx").exists()
+    graph, _, _ = onnx_export.export_model(Residual(), {"sample": torch.randn(2, 3)}, tmp_path / "m.onnx",
+                                           input_names=["sample"], output_names=["sample"])
+    assert [i.name for i in graph.graph.input] == ["sample"]
+    assert [o.name for o in graph.graph.output] == ["sample_out"]
+    assert {n.op_type for n in graph.graph.node} >= {"Mul", "Add"}

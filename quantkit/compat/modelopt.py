@@ -183,6 +183,28 @@ def fp8_export_fixes(any_fp8: bool, quantized_weights: set[str]) -> Iterator[Non
         FP8QuantExporter._quantize_conv_weights_to_fp8 = own_conv
 
 
+@contextlib.contextmanager
+def sequential_cast_fix() -> Iterator[None]:
+    """For one export: ModelOpt 0.47's `remove_redundant_casts` drops the first of two Casts
+    (x -> FP32 -> FP16) when that FP32 Cast has one *Cast* consumer, whatever its other consumers,
+    and then wires all of them to the 16-bit input. An FP16 layer's output cast back to FP32 and read
+    by the next FP16 layer and by an FP32-protected GroupNorm handed the norm an FP16 tensor (the
+    UNet's downsampler conv). Here a first Cast is dropped only when that Cast is its one consumer."""
+    from modelopt.onnx import utils as onnx_utils
+
+    own = _req(onnx_utils, "_is_sequential_cast")
+    consumers_of = _req(onnx_utils, "get_consumer_nodes")
+
+    def is_sequential_cast(model: Any, node: Any) -> bool:
+        return own(model, node) and len(consumers_of(model, node.output[0])) == 1
+
+    onnx_utils._is_sequential_cast = is_sequential_cast
+    try:
+        yield
+    finally:
+        onnx_utils._is_sequential_cast = own
+
+
 # ---------------------------------------------------------------------------------------------
 # The NVFP4 kernel global (quantkit.nvfp4_cpu routes CPU tensors around it)
 

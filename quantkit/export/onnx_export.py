@@ -31,6 +31,7 @@ from quantkit import console
 from quantkit.errors import ExportError, InputError
 from quantkit.compat.modelopt import EXPORTER_NAME
 from quantkit.export.graph import MODULE_NAMES_KEY, SCOPE_PREFIX_KEY, dtype_name
+from quantkit.io_names import OUTPUT_NAMES_KEY, graph_output_names, renamed_outputs
 from quantkit.export.surgery import SurgeryLog, prepare_for_tensorrt, set_metadata
 from quantkit.recipe import Precision
 
@@ -86,12 +87,6 @@ def _exportable(model: nn.Module, input_names: list[str], output_names: list[str
     for name in input_names:
         if not name.isidentifier():
             raise ExportError(f"input name {name!r} is not a Python identifier; rename the model's inputs")
-    both = [n for n in output_names if n in input_names]
-    if both:
-        # An ONNX value has one name: an output named as an input is wired to that input, and the exporter
-        # prunes the whole model away (UNet2DConditionModel: `sample` in, `sample` out gave a 0-node graph).
-        raise ExportError(f"output {both[0]!r} has the name of an input; an ONNX graph needs distinct names "
-                          "(that output would be the input itself): give the model's outputs other names")
     params = ", ".join(input_names)
     namespace: dict[str, Any] = {}
     exec(f"def forward(self, {params}):\n    return self._run({params})\n", namespace)  # noqa: S102
@@ -138,7 +133,8 @@ def default_dynamic_axes(input_names: list[str], output_names: list[str], exampl
                 if lo != hi and i < rank:
                     dims.setdefault(i, f"{name}_dim{i}")
         axes[name] = dims
-    for name in output_names:
+    # keyed by graph name: an output named like an input has another one there (io_names)
+    for name in graph_output_names(input_names, output_names):
         axes[name] = {0: "batch", 1: "sequence"} if sequence_model else {0: "batch"}
     return axes
 
@@ -297,12 +293,13 @@ def _fp8_export_fixes(model: nn.Module):
 
 def _modelopt_export(wrapper: nn.Module, args: tuple, opset: int, dynamic_axes: dict, weights_dtype: str,
                      workdir: Path) -> Path:
-    from quantkit.compat.modelopt import onnx_exporter
+    from quantkit.compat.modelopt import onnx_exporter, sequential_cast_fix
     from quantkit.export.symbolics import patched_symbolics
 
     get_onnx_bytes_and_metadata, OnnxBytes = onnx_exporter()
 
-    with patched_symbolics(), _fp8_export_fixes(wrapper), _initializers_per_parameter(), _quiet_exporter():
+    with patched_symbolics(), _fp8_export_fixes(wrapper), _initializers_per_parameter(), sequential_cast_fix(), \
+            _quiet_exporter():
         try:
             onnx_bytes, _ = get_onnx_bytes_and_metadata(wrapper, args, model_name="model",
                                                          dynamic_axes=dynamic_axes, onnx_opset=opset,
@@ -425,7 +422,10 @@ def export_model(model: nn.Module, example: Mapping[str, torch.Tensor], path: st
                  force_external_data: bool = False) -> tuple[onnx.ModelProto, SurgeryLog, bool]:
     """Export a (fake-)quantized model to `path` with ModelOpt, then the TensorRT surgery.
 
-    Returns (the final graph without its weights loaded, the surgery log, external data used)."""
+    Outputs are named `io_names.graph_output_names(input_names, output_names)` in the graph (an output
+    named like an input would be wired to that input, and the exporter pruned the whole UNet away);
+    dynamic_axes name outputs by those graph names. Returns (the final graph without its weights
+    loaded, the surgery log, external data used)."""
     from quantkit.models import DTYPES
 
     path = Path(path)
@@ -438,22 +438,27 @@ def export_model(model: nn.Module, example: Mapping[str, torch.Tensor], path: st
     args = tuple(example[n] for n in input_names)
     with torch.no_grad():
         sample = wrapper(*args)
-    ranks = {**{n: example[n].dim() for n in input_names}, **{n: t.dim() for n, t in zip(output_names, sample)}}
-    dynamic_axes = _consistent_output_axes(dynamic_axes or {}, example, dict(zip(output_names, sample)))
-    mo_axes = _modelopt_names(dynamic_axes, output_names, ranks)
+    graph_outputs = graph_output_names(input_names, output_names)
+    ranks = {**{n: example[n].dim() for n in input_names}, **{n: t.dim() for n, t in zip(graph_outputs, sample)}}
+    dynamic_axes = _consistent_output_axes(dynamic_axes or {}, example, dict(zip(graph_outputs, sample)))
+    mo_axes = _modelopt_names(dynamic_axes, graph_outputs, ranks)
     with tempfile.TemporaryDirectory(prefix="quantkit-export-") as tmp:
         raw_path = _modelopt_export(wrapper, args, opset, mo_axes, mo_weights, Path(tmp))
         raw = load_model(raw_path)
     # The module names let the audit and the per-block reference map graph scopes back to modules
     # whatever wraps them (graph.ScopeResolver).
+    renamed = renamed_outputs(input_names, output_names)
     set_metadata(raw, {SCOPE_PREFIX_KEY: _WRAPPER_ATTR, "quantkit.weights_dtype": graph_weights,
                        "quantkit.io_dtype": io_dtype,
-                       MODULE_NAMES_KEY: json.dumps([n for n, _ in model.named_modules() if n])})
+                       MODULE_NAMES_KEY: json.dumps([n for n, _ in model.named_modules() if n]),
+                       **({OUTPUT_NAMES_KEY: json.dumps(renamed)} if renamed else {})})
     with _quiet_exporter():
-        model_proto, surgery = prepare_for_tensorrt(raw, input_names=input_names, output_names=output_names,
+        model_proto, surgery = prepare_for_tensorrt(raw, input_names=input_names, output_names=graph_outputs,
                                                      io_dtype=io_dtype)
     del raw
-    _static_output_dims(model_proto, dict(zip(output_names, sample)), dynamic_axes, example)
+    for graph_name, name in renamed.items():
+        surgery.notes.append(f"output {name!r} is named {graph_name!r} in the graph (an input is named {name!r})")
+    _static_output_dims(model_proto, dict(zip(graph_outputs, sample)), dynamic_axes, example)
     path.parent.mkdir(parents=True, exist_ok=True)
     external = save_model(model_proto, path, force_external=force_external_data)
     if external:
@@ -543,10 +548,11 @@ def _export_into(out_dir: Path, dynamic_axes, opset, *, device: str, weights_dty
     if axes is None:
         axes = default_dynamic_axes(loaded.input_names, loaded.output_names, example, recipe.build.envelope(),
                                     sequence_model=loaded.tokenizer is not None)
-    unknown = [n for n in axes if n not in loaded.input_names and n not in loaded.output_names]
+    graph_outputs = graph_output_names(loaded.input_names, loaded.output_names)
+    unknown = [n for n in axes if n not in loaded.input_names and n not in graph_outputs]
     if unknown:
         raise InputError(f"dynamic axes name {unknown}, which are not inputs ({loaded.input_names}) or outputs "
-                         f"({loaded.output_names}) of the model")
+                         f"({graph_outputs}, as the graph names them) of the model")
     requested_weights = weights_dtype or spec.weights_dtype
     _, graph_weights, weights_note = _effective_weights_dtype(run.dtype, requested_weights)
     console.info(f"exporting {loaded.spec} ({run.dtype}, recipe {recipe.name}) to ONNX opset {opset}")
@@ -570,6 +576,7 @@ def _export_into(out_dir: Path, dynamic_axes, opset, *, device: str, weights_dty
         "weights_dtype": graph_weights,
         "io_dtype": spec.io_dtype,
         **describe_graph(graph),
+        "output_names": dict(zip(graph_outputs, loaded.output_names)),  # graph name -> the model's
         "dynamic_axes": _graph_dynamic_axes(graph),
         "min_tensorrt_version": format_version(version),
         "min_tensorrt_reasons": reasons,

@@ -101,6 +101,7 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
 
     import onnx
 
+    from quantkit.io_names import to_model_outputs
     from quantkit.verify.blockwise import HEAD, find_boundaries, teacher_forced
     from quantkit.metrics import OutputsAccumulator
     from quantkit.models import DTYPES, load_model
@@ -135,7 +136,8 @@ def reference_run(out_dir: str | Path, *, max_samples: int | None = None, batch_
             ref = ({k: v.float() for k, v in fp32_outputs[i].items()} if reference is None else
                    {k: v.float() for k, v in reference.named_outputs(reference.model(*fp32_args, **fp32_kwargs)).items()})
             graph_values = runner.run(named)
-            ort = {k: v.float() for k, v in graph_values.items() if k in fake}
+            ort = {k: v.float() for k, v in to_model_outputs(graph_values, run.loaded.input_names,
+                                                                run.loaded.output_names).items() if k in fake}
             vs_fq.update(fake, ort)
             vs_fp32.update(ref, ort)
             if boundaries:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from quantkit import console
+from quantkit.digest import sha256_of_file
 from quantkit.errors import CalibrationError, InputError, QuantkitError
 
 # torch and quantkit.calib are imported where used, so that `quantkit --help` and the other verbs
@@ -63,20 +64,12 @@ class DataSource:
         return self._rows()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _text_file(path: Path) -> DataSource:
     from quantkit.calib import read_sentences
 
     lines = read_sentences(path)
     return DataSource("text-file", str(path), lambda: ({"text": t} for t in lines), len(lines),
-                      f"{path} ({len(lines)} lines)", sha256=_file_sha256(path))
+                      f"{path} ({len(lines)} lines)", sha256=sha256_of_file(path))
 
 
 def _json_file(path: Path) -> DataSource:
@@ -108,7 +101,7 @@ def _json_file(path: Path) -> DataSource:
         raise CalibrationError(f"{path}: cannot read: {e}") from None
     rows = [r if isinstance(r, dict) else {"text": r} for r in records]
     return DataSource("json", str(path), lambda: iter(rows), len(rows), f"{path} ({len(rows)} records)",
-                      sha256=_file_sha256(path))
+                      sha256=sha256_of_file(path))
 
 
 def _csv_file(path: Path) -> DataSource:
@@ -118,7 +111,7 @@ def _csv_file(path: Path) -> DataSource:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CalibrationError(f"{path}: cannot read as CSV: {e}") from None
     return DataSource("csv", str(path), lambda: iter(rows), len(rows), f"{path} ({len(rows)} rows)",
-                      sha256=_file_sha256(path))
+                      sha256=sha256_of_file(path))
 
 
 def _parquet_file(path: Path) -> DataSource:
@@ -134,7 +127,7 @@ def _parquet_file(path: Path) -> DataSource:
         for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=256):
             yield from batch.to_pylist()
 
-    return DataSource("parquet", str(path), rows, length, f"{path} ({length} rows)", sha256=_file_sha256(path))
+    return DataSource("parquet", str(path), rows, length, f"{path} ({length} rows)", sha256=sha256_of_file(path))
 
 
 def _hf_dataset(path: Path, split: str | None) -> DataSource:

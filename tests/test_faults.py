@@ -152,25 +152,25 @@ def calset(base) -> Path:
     return out
 
 
+def _own_copy(source: Path, folder: Path) -> Path:
+    """A copy of a module-scoped folder that one test may break."""
+    shutil.copytree(source, folder)
+    return folder
+
+
 @pytest.fixture
 def run(tmp_path, run0) -> Path:
-    folder = tmp_path / "run"
-    shutil.copytree(run0, folder)
-    return folder
+    return _own_copy(run0, tmp_path / "run")
 
 
 @pytest.fixture
 def exported(tmp_path, exported0) -> Path:
-    folder = tmp_path / "exp"
-    shutil.copytree(exported0[0], folder)
-    return folder
+    return _own_copy(exported0[0], tmp_path / "exp")
 
 
 @pytest.fixture
 def cal(tmp_path, calset) -> Path:
-    folder = tmp_path / "cal"
-    shutil.copytree(calset, folder)
-    return folder
+    return _own_copy(calset, tmp_path / "cal")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.tiny import example_generator, quantize_synthetic, seeded_model
+
 warnings.filterwarnings("ignore")
 
 
@@ -116,23 +118,13 @@ class PoolingHead(nn.Module):
 
 
 def act_policy():
-    from quantkit.models import LoadedModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = ACTPolicy().eval()
-    return LoadedModel(spec=f"{__file__}:act_policy", model=model, input_names=["state"], output_names=["output"],
-                       example_inputs={"state": torch.randn(1, 10, 14, generator=torch.Generator().manual_seed(0))})
+    return seeded_model(f"{__file__}:act_policy", ACTPolicy,
+                        {"state": torch.randn(1, 10, 14, generator=example_generator())}, ["output"])
 
 
 def pooling_head():
-    from quantkit.models import LoadedModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = PoolingHead().eval()
-    return LoadedModel(spec=f"{__file__}:pooling_head", model=model, input_names=["x"], output_names=["output"],
-                       example_inputs={"x": torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(0))})
+    return seeded_model(f"{__file__}:pooling_head", PoolingHead,
+                        {"x": torch.randn(1, 9, 16, generator=example_generator())}, ["output"])
 
 
 HEAD_FP16 = """
@@ -152,13 +144,9 @@ def test_fp16_rule_on_a_mha_casts_at_its_projections(tmp_path):
     """The FP16 rule that caught SigLIP's pooling head crashed with `mat1 and mat2 must have the same
     dtype` (torch's MHA reads out_proj.weight without calling out_proj): now each projection is an
     FP16 island with casts, and the whole model still runs in FP32 around it."""
-    from quantkit import calib, ptq
-    from quantkit.recipe import load_recipe
-
     (tmp_path / "r.yaml").write_text(HEAD_FP16)
     loaded = pooling_head()
-    result = ptq.quantize(loaded, load_recipe(tmp_path / "r.yaml"), calib.synthetic_set(loaded, n=8, seed=0),
-                          batch_size=4, per_layer=True)
+    result = quantize_synthetic(loaded, tmp_path / "r.yaml", per_layer=True)
     per_layer = {r["name"]: r["cosine"] for r in result.report["per_layer"]}
     assert set(per_layer) >= {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj"}
     assert per_layer["attention.q_proj"] > 0.999  # FP16 weights, nothing quantized
@@ -173,14 +161,12 @@ def test_fp16_rule_on_a_mha_casts_at_its_projections(tmp_path):
 def test_act_policy_fp8_quantizes_mha_and_exports(tmp_path):
     """nn.Transformer policy under fp8: q/k/v/out of every MHA are FP8 layers of the plan, the three
     attentions carry bmm quantizers, the export has no fused encoder kernel and the audit passes."""
-    from quantkit import calib, ptq
+    from quantkit import ptq
     from quantkit.export.audit import audit
     from quantkit.export.onnx_export import export_run
-    from quantkit.recipe import load_recipe
 
     loaded = act_policy()
-    result = ptq.quantize(loaded, load_recipe("fp8"), calib.synthetic_set(loaded, n=8, seed=0), batch_size=4,
-                          per_layer=False)
+    result = quantize_synthetic(loaded, "fp8")
     rows = {r.name: str(r.precision) for r in result.plan.layers}
     attn = [n for n in rows if ".self_attn." in n or ".multihead_attn." in n]
     assert len(attn) == 4 * 4 and all(rows[n] == "fp8" for n in attn), rows

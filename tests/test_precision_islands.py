@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import families  # noqa: E402
+from tiny import example_generator, quantize_synthetic, seeded_model  # noqa: E402
 
 PROMPT = [17, 42, 99, 7, 3, 11]
 
@@ -34,24 +35,15 @@ class TiedLM(nn.Module):
 
 
 def tied_lm():
-    from quantkit.models import LoadedModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = TiedLM().eval()
-    return LoadedModel(spec=f"{__file__}:tied_lm", model=model, input_names=["input_ids"], output_names=["logits"],
-                       example_inputs={"input_ids": torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))})
+    return seeded_model(f"{__file__}:tied_lm", TiedLM,
+                        {"input_ids": torch.randint(0, 64, (1, 9), generator=example_generator())}, ["logits"])
 
 
 def test_tied_fp16_head_casts_the_embedding_at_its_boundaries():
     """The fp8 recipe's FP16 head rule casts lm_head, and with it the tied embedding weight: at c5d9469
     the embedding then fed FP16 into the FP32 MLP ("mat1 and mat2 must have the same dtype")."""
-    from quantkit import calib, ptq
-    from quantkit.recipe import load_recipe
-
     loaded = tied_lm()
-    result = ptq.quantize(loaded, load_recipe("fp8"), calib.synthetic_set(loaded, n=8, seed=0), batch_size=4,
-                          per_layer=False)
+    result = quantize_synthetic(loaded, "fp8")
     assert loaded.model.embed.weight.dtype == torch.float16
     seen = {}
     loaded.model.mlp[0].register_forward_pre_hook(lambda m, a: seen.update({"mlp.0": a[0].dtype}))
@@ -79,13 +71,8 @@ class LearnedQueries(nn.Module):
 
 
 def learned_queries():
-    from quantkit.models import LoadedModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LearnedQueries().eval()
-    return LoadedModel(spec=f"{__file__}:learned_queries", model=model, input_names=["x"], output_names=["output"],
-                       example_inputs={"x": torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))})
+    return seeded_model(f"{__file__}:learned_queries", LearnedQueries,
+                        {"x": torch.randn(2, 5, 32, generator=example_generator())}, ["output"])
 
 
 EMBEDDINGS_FP16 = """
@@ -103,13 +90,9 @@ attention: {precision: skip}
 def test_fp16_rule_on_a_weight_read_without_a_call_is_not_applied(tmp_path):
     """At c5d9469 the FP16 embedding handed `self.query.weight` in FP16 to FP32 matmuls ("expected m1
     and m2 to have the same dtype"); a layer the model never calls has no boundary to cast at."""
-    from quantkit import calib, ptq
-    from quantkit.recipe import load_recipe
-
     (tmp_path / "r.yaml").write_text(EMBEDDINGS_FP16)
     loaded = learned_queries()
-    result = ptq.quantize(loaded, load_recipe(tmp_path / "r.yaml"), calib.synthetic_set(loaded, n=8, seed=0),
-                          batch_size=4, per_layer=False)
+    result = quantize_synthetic(loaded, tmp_path / "r.yaml")
     row = result.plan.layer("query")
     assert str(row.precision) == "skip" and "reads its weights without calling it" in row.note
     assert loaded.model.query.weight.dtype == torch.float32

@@ -8,18 +8,18 @@ into place before the manifest lists it, and the manifest is replaced atomically
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from quantkit.calib.batching import batching_for
 from quantkit.calib.codec import Sample, decode_sample, encode_sample, merge_fields
+from quantkit.digest import sha256_of_file
 from quantkit.errors import CalibrationError
 from quantkit.textlimits import first_line, shorten
 
@@ -81,28 +81,41 @@ def read_shard(path: Path) -> list[Sample]:
         raise CalibrationError(f"{path}: not a readable safetensors shard: {e}") from None
     if meta.get("format") != FORMAT:
         raise CalibrationError(f"{path}: not a quantkit calibration shard (header format {meta.get('format')!r})")
+    return _decode_samples(path, _sample_trees(path, meta), tensors.get)
+
+
+def _sample_trees(path: Path, meta: Mapping[str, Any]) -> list:
+    """The sample list of a shard's header; CalibrationError names the shard when it is unreadable."""
     try:
         trees = json.loads(meta["samples"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CalibrationError(f"{path}: shard header has no readable sample list: {e}") from None
+    except (KeyError, json.JSONDecodeError, RecursionError) as e:
+        raise CalibrationError(f"{path}: shard header has no readable sample list: {first_line(e)}") from None
+    if not isinstance(trees, list):
+        raise CalibrationError(f"{path}: shard header's sample list is a {type(trees).__name__}, not a list")
+    return trees
+
+
+def _decode_samples(path: Path, trees: list, tensor_of: Callable[[str], torch.Tensor | None],
+                    then: Callable[[Sample], Any] = lambda sample: sample) -> list:
+    """`then(sample)` of each sample of a shard's header, its tensors from `tensor_of("<sample>/<path>")`
+    (None: the shard does not hold it). CalibrationError names the shard and the sample of a malformed
+    tree."""
     out = []
     for i, tree in enumerate(trees):
         def tensor(p: str, i: int = i) -> torch.Tensor:
-            key = f"{i}/{p}"
-            if key not in tensors:
-                raise CalibrationError(f"{path}: sample {i} names tensor {p!r}, which the shard does not hold")
-            return tensors[key]
+            found = tensor_of(f"{i}/{p}")
+            if found is None:
+                raise CalibrationError(f"{path}: sample {i} names tensor {shorten(p)}, which the shard does not hold")
+            return found
 
-        out.append(decode_sample(tree, tensor))
+        try:
+            out.append(then(decode_sample(tree, tensor)))
+        except CalibrationError:
+            raise
+        except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as e:
+            raise CalibrationError(f"{path}: sample {i} has a malformed tree ({type(e).__name__}: "
+                                   f"{first_line(e)})") from None
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _now() -> str:
@@ -127,7 +140,7 @@ def write_shard(path: Path, samples: Sequence[Sample]) -> dict[str, Any]:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        digest, size = _sha256(tmp), tmp.stat().st_size
+        digest, size = sha256_of_file(tmp), tmp.stat().st_size
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -229,34 +242,19 @@ def shard_sample_fields(path: Path) -> list[dict[str, dict[str, Any]]]:
             info = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CalibrationError(f"{path}: not a readable safetensors shard: {first_line(e)}") from None
-    try:
-        trees = json.loads(meta["samples"])
-    except (KeyError, json.JSONDecodeError, RecursionError) as e:
-        raise CalibrationError(f"{path}: shard header has no readable sample list: {first_line(e)}") from None
-    if not isinstance(trees, list):
-        raise CalibrationError(f"{path}: shard header's sample list is a {type(trees).__name__}, not a list")
-    out = []
-    for i, tree in enumerate(trees):
-        def tensor(p: str, i: int = i) -> torch.Tensor:
-            key = f"{i}/{p}"
-            if key not in info:
-                raise CalibrationError(f"{path}: sample {i} names tensor {shorten(p)}, which the shard does not hold")
-            code, shape = info[key]
-            name = _ST_DTYPES.get(code)
-            if name is None or not hasattr(torch, name):
-                raise CalibrationError(f"{path}: tensor {shorten(key)} has dtype {shorten(code)}, which quantkit "
-                                       "cannot read")
-            # A stand-in of the right dtype and shape that takes no memory.
-            return torch.empty((), dtype=getattr(torch, name)).expand(shape)
 
-        try:
-            out.append(sample_fields(decode_sample(tree, tensor)))
-        except CalibrationError:
-            raise
-        except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as e:
-            raise CalibrationError(f"{path}: sample {i} has a malformed tree ({type(e).__name__}: "
-                                   f"{first_line(e)})") from None
-    return out
+    def standin(key: str) -> torch.Tensor | None:
+        if key not in info:
+            return None
+        code, shape = info[key]
+        name = _ST_DTYPES.get(code)
+        if name is None or not hasattr(torch, name):
+            raise CalibrationError(f"{path}: tensor {shorten(key)} has dtype {shorten(code)}, which quantkit "
+                                   "cannot read")
+        # A stand-in of the right dtype and shape that takes no memory.
+        return torch.empty((), dtype=getattr(torch, name)).expand(shape)
+
+    return _decode_samples(path, _sample_trees(path, meta), standin, then=sample_fields)
 
 
 def _field_mismatch(got: Mapping[str, Any], want: Mapping[str, Any]) -> str | None:
@@ -314,7 +312,7 @@ def verify_shards(folder: Path, manifest: Mapping[str, Any]) -> None:
         size = p.stat().st_size
         if size != int(s["bytes"]):
             raise CalibrationError(f"{p}: shard is truncated or altered: {size} bytes, {MANIFEST} says {s['bytes']}")
-        if _sha256(p) != s["sha256"]:
+        if sha256_of_file(p) != s["sha256"]:
             raise CalibrationError(f"{p}: checksum mismatch (sha256 differs from {MANIFEST}): the shard is corrupt")
     listed = sum(int(s["samples"]) for s in manifest["shards"])
     if "samples" in manifest and int(manifest["samples"]) != listed:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -18,6 +17,7 @@ from quantkit.calib.batching import BATCHING_EXAMPLES
 from quantkit.calib.calibration_set import CalibrationSet
 from quantkit.calib.codec import Sample
 from quantkit.calib.set_folder import MANIFEST, _now
+from quantkit.digest import sha256_of_file
 from quantkit.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def builtin_set(loaded: "LoadedModel", name: str | None = None, max_samples: int
         sentences = sentences[:max_samples]
     if not sentences:
         raise CalibrationError(f"{path}: holds no sentences")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of_file(path)
     meta = {
         "source": {"kind": "builtin-text", "name": name, "path": str(path), "sha256": digest,
                    "description": f"built-in {name} ({len(sentences)} sentences, calibration/{name}/sentences.txt)"},

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from quantkit.digest import sha256_of_file
 from quantkit.errors import ExportError, InputError, QuantkitError, TensorRTUnavailable
 from quantkit.outdir import atomic_write_bytes
 from quantkit.runtime.tensorrt import backend
@@ -33,7 +34,6 @@ from quantkit.runtime.tensorrt.files import (
     TIMING_CACHE_NAME,
     check_settings,
     external_data_files,
-    sha256_of_file,
 )
 from quantkit.runtime.tensorrt.network import CompileResult, compile_network
 from quantkit.runtime.tensorrt.profiles import (

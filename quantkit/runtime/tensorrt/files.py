@@ -1,12 +1,11 @@
 """The files of an export/build folder and the builder settings every build path shares.
 
 File names (model.onnx, model.engine, engine.json, build_engine.sh, timing.cache), the default
-workspace and optimization-level limits and their check, and content hashes of the graph files.
+workspace and optimization-level limits and their check, and the external data files of a graph.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from quantkit.errors import InputError
@@ -28,14 +27,6 @@ def check_settings(workspace_gib: float, opt_level: int) -> None:
         raise InputError(f"builder optimization level must be an integer 0..{MAX_OPT_LEVEL}, got {opt_level!r}")
     if not isinstance(workspace_gib, (int, float)) or isinstance(workspace_gib, bool) or not workspace_gib > 0:
         raise InputError(f"workspace must be a positive number of GiB, got {workspace_gib!r}")
-
-
-def sha256_of_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def external_data_files(onnx_path: Path) -> list[str]:

@@ -6,15 +6,15 @@ compare and reload it. The command line (quantkit.cli) is a thin caller of these
     qm.save("runs/policy-fp8"); result = qm.export("runs/policy-fp8")   # result: truthy when the audit is clean
 
 What quantkit changes outside the model (transformers' attention registry, ModelOpt's module
-registry, rotary functions in modeling files, the model's attention implementation) is undone when
-the QuantizedModel is released or its `with` block ends (quantkit.patches).
+registry, rotary functions in modeling files, the model's attention implementation) lives as long
+as the quantized model does and is undone when it is garbage-collected, or at once by
+`QuantizedModel.close()` / the end of its `with` block (quantkit.patches).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -27,12 +27,13 @@ if TYPE_CHECKING:
 
     from quantkit.calib import CalibrationSet
     from quantkit.compare import Comparison
+    from quantkit.export.audit import PrecisionAudit
     from quantkit.export.onnx_export import ExportResult
     from quantkit.models import LoadedModel
     from quantkit.plan import Plan
     from quantkit.recipe import Recipe
 
-__all__ = ["QuantizedModel", "QuantizeReport", "collect", "load", "plan", "quantize"]
+__all__ = ["QuantizedModel", "QuantizeReport", "audit", "collect", "load", "plan", "quantize"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +178,18 @@ class QuantizeReport:
 class QuantizedModel:
     """A model quantized by `quantize` (or rebuilt by `load`): `.model` is the quantized nn.Module.
 
-    Use it as a context manager, or keep it alive while you use `.model`: releasing it (or leaving
-    the `with` block) undoes what quantkit changed outside the model (quantkit.patches)."""
+    What quantkit changed outside the model (quantkit.patches) belongs to the model: it stays in
+    force while `.model` is alive, whether or not this object is, and is undone when the model is
+    garbage-collected. `close()`, or the end of a `with` block, undoes it at once: the model then
+    runs unquantized attention, so use it inside the block."""
 
     def __init__(self, result, *, dtype: str, device: Any, saved_to: Path | None = None):
         self._result = result
         self.dtype = dtype
         self.device = device
         self.saved_to = saved_to
-        self._release = weakref.finalize(self, patches.release, result.loaded.model)
+        # No finalizer here: the model holds its changes (patches.of_model) and undoes them when it is
+        # collected, so dropping this object while the caller keeps `.model` leaves the model routed.
 
     @property
     def result(self):
@@ -230,11 +234,15 @@ class QuantizedModel:
 
     def export(self, out: str | os.PathLike | None = None, *, audit: bool = True, reference: bool = True,
                dynamic_axes: dict[str, dict[int, str]] | None = None, opset: int | None = None,
-               weights_dtype: str | None = None) -> "ExportResult":
+               weights_dtype: str | None = None, reference_samples: int | None = None,
+               compile_check: bool = False, targets: list[str] | None = None) -> "ExportResult":
         """Export to OUT/model.onnx (+ export.json), audit the graph's precisions against the plan
         (OUT/audit.json) and, with `reference`, run it on ONNX Runtime against this model and the FP32
-        one (into OUT/report.json). OUT defaults to the folder `save` wrote; a new one is saved first.
-        The result is truthy when the audit is clean."""
+        one on the held-out samples (at most `reference_samples`; into OUT/report.json). With
+        `compile_check`, TensorRT's (or TensorRT-RTX's) parser and builder take the graph for `targets`
+        (default: the recipe's), recorded in report.json. OUT defaults to the folder `save` wrote (or
+        `load` read); a new one is saved first. The result is truthy when the audit is clean; its
+        `reference` and `compile_check` say the rest."""
         from quantkit import console
         from quantkit.export.onnx_export import export_run
         from quantkit.ptq import QuantizedRun
@@ -247,15 +255,32 @@ class QuantizedModel:
         run = QuantizedRun(out, self.loaded, self.recipe, self.plan, self.dtype, self._result.report)
         result = export_run(out, dynamic_axes=dynamic_axes, opset=opset, weights_dtype=weights_dtype, audit=audit,
                             run=run)
-        if reference and self._result.heldout is not None:
+        # A model loaded from a folder has no held-out samples in memory: the reference rebuilds them
+        # from the folder's calibration set, as `quantize` split it.
+        loaded_from_folder = isinstance(self._result, QuantizedRun)
+        if reference and (loaded_from_folder or self._result.heldout is not None):
+            import torch
+
             from quantkit.verify.ort_copy import UnsupportedGraph
             from quantkit.verify.reference import reference_run
 
+            from quantkit.ptq import model_trust
+
+            # The reference feeds CPU batches: a model elsewhere is rebuilt on the CPU for it, from the
+            # spec this one was loaded from (already trusted when it was loaded).
+            on_cpu = torch.device(self.device).type == "cpu"
             try:
-                result.reference = reference_run(out, run=run, heldout=self._result.heldout,
-                                                 fp32_outputs=self._result.fp32_outputs)
-            except UnsupportedGraph as e:
-                console.warn(f"ONNX Runtime reference skipped: {e}")
+                with model_trust(None if on_cpu else self.loaded.spec):
+                    result.reference = reference_run(out, max_samples=reference_samples, run=run if on_cpu else None,
+                                                     heldout=self._result.heldout,
+                                                     fp32_outputs=self._result.fp32_outputs)
+            except UnsupportedGraph as e:  # the graph is written and audited; only the cross-check cannot run
+                console.warn(f"ONNX Runtime reference skipped: {e}. {out}/model.onnx is written and audited; "
+                             "a TensorRT build may still take it")
+        if compile_check:
+            from quantkit.verify.compile_check import check_export
+
+            result.compile_check = check_export(out, target_names=targets or None)
         return result
 
     def compare(self, against: str = "fp32", runtimes: list[str] | None = None, *, max_samples: int | None = None,
@@ -271,8 +296,8 @@ class QuantizedModel:
                                    batch_size=batch_size, device=resolve_device(device))
 
     def close(self) -> None:
-        """Undo what quantkit changed outside the model now (also done when this object is released)."""
-        self._release()
+        """Undo what quantkit changed outside the model now, instead of when the model is collected."""
+        patches.release(self.model)
 
     def __enter__(self) -> "QuantizedModel":
         return self
@@ -333,18 +358,23 @@ def quantize(model: "nn.Module | LoadedModel | str", recipe: "str | os.PathLike 
     return QuantizedModel(result, dtype=dtype, device=device)
 
 
-def load(folder: str | os.PathLike, model: "nn.Module | LoadedModel | None" = None,
-         device: "str | torch.device" = "cpu") -> QuantizedModel:
+def load(folder: str | os.PathLike, model: "nn.Module | LoadedModel | str | None" = None,
+         device: "str | torch.device" = "cpu", *, trust_model_code: bool | None = None) -> QuantizedModel:
     """Rebuild a saved run (`QuantizedModel.save`, `quantkit quantize --out`) without calibration data.
 
     `model`: a fresh, unquantized instance of the model, needed when it was quantized from Python
-    (its folder cannot name a loader for it)."""
+    (its folder cannot name a loader for it), or a model spec to load instead of the folder's.
+    A folder whose run.json names Python code (`module:function`) runs it only with that spec passed
+    again or `trust_model_code=True` (quantkit.ptq.load_quantized)."""
     import json
 
     from quantkit import ptq
 
-    loaded = _loaded(model, None) if model is not None else None
-    if loaded is not None and not loaded.input_names:
+    if model is None or isinstance(model, str):
+        run = ptq.load_quantized(folder, device, model=model, trust_model_code=trust_model_code)
+        return QuantizedModel(run, dtype=run.dtype, device=device, saved_to=Path(folder))
+    loaded = _loaded(model, None)
+    if not loaded.input_names:
         run_file = Path(folder) / ptq.RUN_FILE
         if run_file.is_file():
             run = json.loads(run_file.read_text())
@@ -373,6 +403,27 @@ def plan(model: "nn.Module | LoadedModel | str", recipe: "str | os.PathLike | Re
         return ptq.prepare(loaded, recipe, dtype or "fp32", "cpu", strict=strict)
     finally:
         patches.release(loaded.model)
+
+
+def audit(graph: str | os.PathLike, plan: "str | os.PathLike | None" = None, *, against_plan: bool = True,
+          out: str | os.PathLike | None = None) -> "PrecisionAudit":
+    """Read an exported graph's precisions (Q/DQ per layer, softmax, norms, RoPE) and check them against
+    a plan.json: `plan`, else the one beside the graph if there is one (`against_plan=False`: report
+    only). Writes audit.json to `out` (default: beside the graph). Truthy without violations."""
+    from quantkit.export.audit import audit as audit_graph, read_plan, write_audit
+
+    path = Path(graph)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file")
+    plan_path = Path(plan) if plan else path.parent / "plan.json"
+    plan_dict = None
+    if against_plan and plan_path.is_file():
+        plan_dict = read_plan(plan_path)
+    elif plan and against_plan:
+        raise InputError(f"{plan_path}: no such plan file")
+    result = audit_graph(path, plan_dict)
+    write_audit(result, Path(out) if out else path.parent / "audit.json")
+    return result
 
 
 def collect(model: str | None, out: str | os.PathLike, *, data: str | None = None, module: str | None = None,

@@ -236,19 +236,21 @@ def _add_collect_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """Run a collection from parsed arguments. Raises InputError (exit 2) for bad input."""
-    from quantkit.collect import collect
+    import quantkit
 
     if getattr(args, "quiet", False):
         console.set_quiet(True)
     try:
-        manifest = collect(args.model, args.out, data=args.data, module=args.module, field=args.field,
-                           split=args.split, runner=args.runner, max_samples=args.max_samples,
-                           batch_size=args.batch_size, shard_size=args.shard_size, resume=args.resume,
-                           overwrite=args.overwrite, synthetic=args.synthetic, seed=args.seed, device=args.device,
-                           dtype=args.dtype, progress=not getattr(args, "quiet", False))
+        calibration = quantkit.collect(args.model, args.out, data=args.data, module=args.module, field=args.field,
+                                       split=args.split, runner=args.runner, max_samples=args.max_samples,
+                                       batch_size=args.batch_size, shard_size=args.shard_size, resume=args.resume,
+                                       overwrite=args.overwrite, synthetic=args.synthetic, seed=args.seed,
+                                       device=args.device, dtype=args.dtype,
+                                       progress=not getattr(args, "quiet", False))
     except KeyboardInterrupt:
         print(f"interrupted: completed shards in {args.out} are kept; rerun with --resume", file=sys.stderr)
         return 130
+    manifest = calibration.meta
     src = manifest["source"].get("description")
     fields = ", ".join(f"{k} {v.get('dtype', v.get('type'))}" for k, v in list(manifest["fields"].items())[:6])
     console.info(f"{args.out}: {manifest['samples']} samples of {manifest.get('module') or manifest['model_class']} "
@@ -281,20 +283,20 @@ def parse_dynamic_axes(items: list[str] | None) -> dict[str, dict[int, str]] | N
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    import quantkit
     from quantkit.errors import require_positive
     from quantkit.export.audit import print_audit
-    from quantkit.export.onnx_export import export_run
-    from quantkit.ptq import model_trust
+    from quantkit.verify.compile_check import print_compile_check
+    from quantkit.verify.reference import print_reference
 
     require_positive("--max-samples", args.max_samples)
-    out_dir = Path(args.out_dir)
     # Without --trust-model-code: None, nothing trusted beyond what an enclosing model_trust says (no one).
-    model, trust = args.model, (True if args.trust_model_code else None)
-    result = export_run(out_dir, dynamic_axes=parse_dynamic_axes(args.dynamic_axis), opset=args.opset,
-                        device=args.device, weights_dtype=args.weights_dtype, audit=not args.no_audit,
-                        model=model, trust_model_code=trust)
+    with quantkit.load(args.out_dir, args.model, args.device,
+                       trust_model_code=True if args.trust_model_code else None) as qm:
+        result = qm.export(args.out_dir, audit=not args.no_audit, reference=not args.no_reference,
+                           dynamic_axes=parse_dynamic_axes(args.dynamic_axis), opset=args.opset,
+                           weights_dtype=args.weights_dtype, reference_samples=args.max_samples,
+                           compile_check=not args.no_compile_check, targets=args.target or None)
     info = result.info
     console.show(console.rows_table(
         "export", ("what", "value"),
@@ -309,22 +311,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.audit is not None:  # written with the graph, as one unit (export_run)
         print_audit(result.audit)
         status = 0 if result.audit else 1
-    if not args.no_reference:
-        from quantkit.verify.ort_copy import UnsupportedGraph
-        from quantkit.verify.reference import print_reference, reference_run
-
-        try:
-            with model_trust(model, trust):
-                print_reference(reference_run(out_dir, max_samples=args.max_samples))
-        except UnsupportedGraph as e:  # the graph is written and audited; only the cross-check cannot run
-            console.warn(f"ONNX Runtime reference skipped: {e}. {out_dir}/model.onnx is written and audited; "
-                         "a TensorRT build may still take it")
-    if not args.no_compile_check:  # TensorRT's (or TensorRT-RTX's) parser and builder, per target
-        from quantkit.verify.compile_check import check_export, print_compile_check
-
-        check = check_export(out_dir, target_names=args.target or None)
-        print_compile_check(check)
-        status = status or (0 if check else 1)
+    if result.reference is not None:
+        print_reference(result.reference)
+    if result.compile_check is not None:  # TensorRT's (or TensorRT-RTX's) parser and builder, per target
+        print_compile_check(result.compile_check)
+        status = status or (0 if result.compile_check else 1)
     return status
 
 
@@ -358,21 +349,10 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import quantkit
+    from quantkit.export.audit import print_audit
 
-    from quantkit.export.audit import audit, print_audit, read_plan, write_audit
-
-    path = Path(args.onnx)
-    if not path.is_file():
-        raise InputError(f"{path}: no such ONNX file")
-    plan_path = Path(args.plan) if args.plan else path.parent / "plan.json"
-    plan = None
-    if not args.no_plan and plan_path.is_file():
-        plan = read_plan(plan_path)
-    elif args.plan and not args.no_plan:
-        raise InputError(f"{plan_path}: no such plan file")
-    result = audit(path, plan)
-    write_audit(result, Path(args.out) if args.out else path.parent / "audit.json")
+    result = quantkit.audit(args.onnx, args.plan, against_plan=not args.no_plan, out=args.out)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -4,8 +4,9 @@ Quantizing a model touches objects other models share: transformers' attention r
 ModelOpt's QuantModuleRegistry and kernel globals, the rotary functions in a modeling file's
 globals, the model's config. Each such change goes through the model's `Patches` (`of_model`),
 which records how to undo it. Two models that make the same change share it (refcounted by a key);
-it is undone when the last of them lets go: when `close()` runs (a `QuantizedModel` released or its
-`with` block ended) or when the model itself is garbage-collected. Importing quantkit changes nothing.
+it is undone when the last of them lets go: when the model itself is garbage-collected (the
+Patches live as long as the model, not as its `QuantizedModel`), or earlier when `close()` runs
+(`QuantizedModel.close()`, the end of its `with` block). Importing quantkit changes nothing.
 
 The short-lived patches made *inside* one forward call (attention's matmul/softmax routing) restore
 themselves when the call returns and are not recorded here.

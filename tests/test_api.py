@@ -1,6 +1,7 @@
 """The Python API in one process: two models quantized side by side under different recipes leave each
-other alone, and once both QuantizedModels are released torch, transformers and ModelOpt are as they
-were (quantkit.patches); importing quantkit changes nothing; the recipe hash is one."""
+other alone; a model keeps its changes while it lives, and once both models and their
+QuantizedModels are released torch, transformers and ModelOpt are as they were (quantkit.patches);
+importing quantkit changes nothing; the recipe hash is one."""
 
 from __future__ import annotations
 
@@ -83,7 +84,17 @@ def test_two_models_in_one_process_leave_each_other_and_the_process_alone():
     assert torch.equal(out_before, out_after), (out_before - out_after).abs().max()
     assert first.report.cosine > 0.98 and second.report.cosine > 0.9, (first.report, second.report)
 
-    del first, second, llama_tiny, calib
+    # The changes belong to the model: dropping its QuantizedModel while the model is kept leaves it
+    # routed (the same logits), its RoPE protected and the `quantkit` attention registered.
+    model = first.model
+    del first
+    gc.collect()
+    assert llama.apply_rotary_pos_emb is not before["llama.apply_rotary_pos_emb"]
+    assert "quantkit" in AttentionInterface._global_mapping
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, out_before)
+
+    del second, llama_tiny, calib, model
     gc.collect()
     assert patches.active() == 0
     _assert_same_state(before, _process_state())

@@ -53,8 +53,8 @@ _WRAPPER_ATTR = "model"
 
 @dataclasses.dataclass
 class ExportResult:
-    """What `export_run` wrote: the graph's path and the export.json content, and (from
-    `quantkit.QuantizedModel.export`) the precision audit and the ONNX Runtime reference of the graph.
+    """What `export_run` wrote: the graph's path and the export.json content, its precision audit, and
+    (from `quantkit.QuantizedModel.export`) the ONNX Runtime reference and the compile check of the graph.
     Truthy when the audit is clean (an export without an audit is not vouched for)."""
 
     out_dir: Path
@@ -63,6 +63,7 @@ class ExportResult:
     surgery: SurgeryLog
     audit: Any = None  # the PrecisionAudit of the graph, when export_run(audit=True)
     reference: Any = None  # verify.reference.ReferenceResult (quantkit.QuantizedModel.export)
+    compile_check: Any = None  # verify.compile_check.CompileCheck (QuantizedModel.export(compile_check=True))
 
     def __bool__(self) -> bool:
         return self.audit is not None and bool(self.audit)

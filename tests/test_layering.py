@@ -222,3 +222,33 @@ def test_report_json_is_rendered_in_one_place():
     assert {w.split(":")[0] for w in writers} == set(REPORT_WRITERS), writers
     edits = report_edits(_modules())
     assert not edits, f"report.json content assembled outside quantkit/report/render.py: {edits}"
+
+
+# The verbs the API covers are thin callers of it: quantkit.<verb> (and QuantizedModel's methods),
+# never the stage functions underneath.
+API_VERBS = {"cmd_plan": "plan", "_quantize_into": "quantize", "cmd_export": "load", "cmd_audit": "audit",
+             "cmd_collect": "collect"}
+STAGE_FUNCTIONS = {"export_run", "reference_run", "check_export", "compile_check", "audit", "write_audit",
+                   "read_plan", "collect", "make_plan", "prepare", "quantize", "load_quantized", "save_run"}
+
+
+def stage_calls_of_verbs(cli_source: str) -> dict[str, list[str]]:
+    """verb function -> the stage functions it imports from quantkit, and whether it calls quantkit.<api>."""
+    found = {}
+    for node in ast.parse(cli_source).body:
+        if isinstance(node, ast.FunctionDef) and node.name in API_VERBS:
+            imported = [a.name for n in ast.walk(node) if isinstance(n, ast.ImportFrom)
+                        and (n.module or "").startswith("quantkit") for a in n.names if a.name in STAGE_FUNCTIONS]
+            api = API_VERBS[node.name]
+            calls = any(isinstance(n, ast.Attribute) and n.attr == api and isinstance(n.value, ast.Name)
+                        and n.value.id == "quantkit" for n in ast.walk(node))
+            found[node.name] = imported + ([] if calls else [f"no quantkit.{api}(...) call"])
+    return found
+
+
+def test_the_cli_verbs_call_the_api():
+    found = stage_calls_of_verbs((PACKAGE / "cli.py").read_text())
+    assert sorted(found) == sorted(API_VERBS), found  # every verb function is still there
+    assert all(not v for v in found.values()), found
+    planted = "def cmd_export(args):\n    from quantkit.export.onnx_export import export_run\n    export_run(args.out)\n"
+    assert stage_calls_of_verbs(planted) == {"cmd_export": ["export_run", "no quantkit.load(...) call"]}

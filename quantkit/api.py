@@ -261,10 +261,9 @@ class QuantizedModel:
         if reference and (loaded_from_folder or self._result.heldout is not None):
             import torch
 
+            from quantkit.ptq import model_trust
             from quantkit.verify.ort_copy import UnsupportedGraph
             from quantkit.verify.reference import reference_run
-
-            from quantkit.ptq import model_trust
 
             # The reference feeds CPU batches: a model elsewhere is rebuilt on the CPU for it, from the
             # spec this one was loaded from (already trusted when it was loaded).

@@ -9,10 +9,25 @@ transformers or ModelOpt.
 import sys
 import types
 
-from quantkit.api import QuantizedModel, QuantizeReport, audit, collect, load, plan, quantize
 from quantkit.version import __version__
 
 __all__ = ["QuantizedModel", "QuantizeReport", "__version__", "audit", "collect", "load", "plan", "quantize"]
+
+
+def __getattr__(name: str):
+    # The API is imported on first use: `import quantkit` (every CLI run, every spawned rank) stays
+    # as cheap as the package's own __init__.
+    if name in __all__:
+        from quantkit import api
+
+        value = getattr(api, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 class _Package(types.ModuleType):

@@ -13,7 +13,6 @@ as the quantized model does and is undone when it is garbage-collected, or at on
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -47,6 +46,8 @@ def _recipe(recipe: "str | os.PathLike | Recipe") -> "Recipe":
 
 
 def _positional_names(module: "nn.Module") -> list[str]:
+    import inspect
+
     params = inspect.signature(module.forward).parameters.values()
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 

@@ -445,6 +445,27 @@ def register_quantizers(cls: type, changes: Patches) -> None:
 # Public API
 
 
+_CONVERTED_FLAG = "_quantkit_attention_quantized"
+_CONVERTED_CLASSES: dict[type, type] = {}
+
+
+def _mark_converted(module: nn.Module) -> None:
+    """Give a converted attention its own subclass, the class its bmm quantizers are registered for.
+
+    ModelOpt's QuantModuleRegistry is keyed by class: registering the module's own class (a
+    transformers attention, the exposed nn.MultiheadAttention) gave every other instance of it the
+    quantizers too, also those of another model in the process whose recipe converts no attention
+    (PaliGemma fp16 after fp8: its saved state then held bmm quantizers a fresh load does not make)."""
+    cls = type(module)
+    if getattr(cls, _CONVERTED_FLAG, False):
+        return
+    if cls not in _CONVERTED_CLASSES:
+        _CONVERTED_CLASSES[cls] = type(cls.__name__, (cls,), {
+            _CONVERTED_FLAG: True, "_quantkit_original": cls, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    module.__class__ = _CONVERTED_CLASSES[cls]
+
+
 def _quantizer_names(name: str) -> dict[str, str]:
     prefix = f"{name}." if name else ""
     return {r: f"{prefix}{r}_bmm_quantizer" for r in ROLES}
@@ -468,6 +489,7 @@ def convert_attention(model: nn.Module, spec: AttentionSpec) -> list[AttentionCo
             out.append(AttentionConversion(site.name, site.module_class, False, "quantkit", site.reason, {}))
             continue
         route(site, changes)
+        _mark_converted(site.module)
         register_quantizers(type(site.module), changes)
         names = _quantizer_names(site.name)
         roles = ROLES if spec.quantize_softmax_output else ROLES[:3]

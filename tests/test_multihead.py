@@ -186,3 +186,26 @@ def test_act_policy_fp8_quantizes_mha_and_exports(tmp_path):
     assert att == {"with_qdq": 8, "without_qdq": 0}, att
     assert report.counts["softmax"] == {"float32": 4}
     assert report.counts["compute_by_format"]["fp8"]["MatMul"] >= 4 * 4 + 4
+
+
+def test_attention_quantizers_stay_on_the_model_that_converted_them():
+    """Two models of one class in one process: the first (fp8, attention converted) still alive, the second
+    quantized with fp16 (attention: skip). At c2c3e56 the registration for the first's class gave the
+    second's MultiheadAttention bmm quantizers too; its saved state then failed to restore in a fresh
+    process ('Unmatched keys in quantizer state_dict: ...attention.k_bmm_quantizer'; PaliGemma fp16)."""
+    from quantkit import calib, ptq
+    from quantkit.recipe import load_recipe
+
+    first = pooling_head()
+    done = ptq.quantize(first, load_recipe("fp8"), calib.synthetic_set(first, n=4, seed=0), batch_size=4,
+                        per_layer=False)
+    assert {n.rsplit(".", 1)[-1] for n, _ in first.model.named_modules() if n.startswith("attention.")} >= {
+        "q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "p_bmm_quantizer"}
+    second = pooling_head()
+    ptq.quantize(second, load_recipe("fp16"), calib.synthetic_set(second, n=4, seed=0), batch_size=4,
+                 per_layer=False)
+    bmm = [n for n, _ in second.model.named_modules() if n.endswith("_bmm_quantizer")]
+    assert bmm == []
+    assert type(second.model.attention) is not type(first.model.attention)
+    assert isinstance(second.model.attention, nn.MultiheadAttention)
+    assert done.plan.attention and done.plan.attention[0]["converted"]

@@ -168,18 +168,35 @@ def nvfp4_fake_quantize(
 # The static kernel's `amax / 6.0` runs in PyTorch on the device: on CUDA a product with the FP32
 # reciprocal of 6 (see _INV_E2M1_E4M3), which CPU division can miss by one ulp.
 _INV_E2M1 = float(torch.tensor(1.0 / E2M1_MAX, dtype=torch.float32))
+_FP8_AMAX_FLOOR = 1.0 / (1 << 24)  # fake_e4m3fy's epsilon: an amax at or below it counts as 1
+
+
+def _fake_e4m3fy(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 fake quantization of FP32 `x` against one scalar `amax`, as ModelOpt's CUDA extension.
+
+    `fake_e4m3fy` (modelopt_cuda_ext_fp8, which `scaled_e4m3_impl` calls for CUDA tensors) takes
+    `scale = 448.f / amax` and `inv_scale = 1.f / scale` as ATen tensor divisions (correctly rounded),
+    then `float(fp8(x * scale)) * inv_scale` with a saturating cast. ModelOpt's eager fallback
+    (`fp8_eager`, its CPU path) computes `448.0 / amax` as `amax.reciprocal() * 448`, two roundings:
+    where that lands one ulp off, so does inv_scale, and then every block scale of the tensor can
+    differ in its last bit (226 of 514 block scales in one parity case).
+    """
+    amax = amax.reshape(-1).to(torch.float32)
+    safe = torch.where(amax <= _FP8_AMAX_FLOOR, torch.ones_like(amax), amax)
+    scale = torch.full_like(safe, E4M3_MAX).div_(safe)
+    inv_scale = torch.ones_like(scale).div_(scale)
+    # clamp then cast = the CUDA cast's __NV_SATFINITE (NaN stays NaN in both)
+    return (x * scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * inv_scale
 
 
 def nvfp4_static_block_scales(amax: torch.Tensor, global_amax: torch.Tensor | None = None,
                               quantize_block_scales: bool = True,
                               fp8_max_for_normalization: float = E4M3_MAX) -> torch.Tensor:
-    """Per-block scales of ModelOpt's static NVFP4 path (`compute_fp4_scales`), in FP32.
+    """Per-block scales of ModelOpt's static NVFP4 path (`compute_fp4_scales` on CUDA), in FP32.
 
     `amax / 6`, rounded to FP8 E4M3 against `global_amax * (448 / fp8_max) / 6` (fp8_max 448, or
-    256 for four-over-six), with ModelOpt's own FP8 rounding (`scaled_e4m3_impl`).
+    256 for four-over-six) as the CUDA extension's `fake_e4m3fy` rounds (see `_fake_e4m3fy`).
     """
-    from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
-
     amax = amax.float()
     scale = amax * _INV_E2M1
     if quantize_block_scales:
@@ -187,7 +204,7 @@ def nvfp4_static_block_scales(amax: torch.Tensor, global_amax: torch.Tensor | No
             global_amax = amax.abs().amax()
         fp8_amax = global_amax.float() * float(torch.tensor(E4M3_MAX / fp8_max_for_normalization,
                                                             dtype=torch.float32)) * _INV_E2M1
-        scale = scaled_e4m3_impl(scale, fp8_amax.to(scale.device))
+        scale = _fake_e4m3fy(scale, fp8_amax.to(scale.device))
     return scale
 
 
@@ -200,9 +217,6 @@ def nvfp4_static_fake_quantize(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Static blockwise NVFP4 quantize-dequantize as ModelOpt 0.47's `static_blockwise_fp4_fake_quant`.
-
-    Not yet bit-exact to the CUDA kernel: on an H200 some block scales differ by one FP8 step
-    (tests/gpu/test_nvfp4_parity.py -k static, 12 of 90 cases; BENCHMARKS.md).
 
     `amax` holds one calibrated absolute maximum per block (its size sets the block length:
     `x.numel() // amax.numel()` consecutive elements, as the kernel reads them); scales come from

@@ -97,6 +97,29 @@ def test_static_kernel_rounds_to_e2m1_times_its_fp8_block_scale():
         nvfp4_cpu.nvfp4_static_fake_quantize(x, amax[:5])
 
 
+def test_static_block_scales_round_as_modelopts_cuda_extension_not_its_eager_fallback():
+    """compute_fp4_scales on CUDA rounds block scales with the CUDA extension's fake_e4m3fy: scale =
+    448 / amax and 1 / scale as IEEE FP32 divisions. ModelOpt's CPU fallback (fp8_eager) takes
+    448 / amax as amax.reciprocal() * 448; for this global amax that is one ulp off, and so is
+    every non-zero block scale (the 12 failing GPU parity cases had this cause)."""
+    import numpy as np
+    from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
+
+    amax = torch.rand(512, generator=torch.Generator().manual_seed(0)) * 1.1
+    amax[::7] = 0.0
+    global_amax = torch.tensor(1.1)
+    fp8_amax = np.float32(1.1) * np.float32(1 / 6)
+    scale = np.float32(448.0) / fp8_amax
+    inv_scale = np.float32(1.0) / scale
+    block = amax.numpy() * np.float32(1 / 6)
+    expected = torch.from_numpy(block * scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * float(inv_scale)
+    got = nvfp4_cpu.nvfp4_static_block_scales(amax, global_amax)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    eager = scaled_e4m3_impl(amax * nvfp4_cpu._INV_E2M1, torch.tensor(fp8_amax))
+    assert int((eager != got).sum()) == int((amax > 0).sum()) == 438
+    assert float((eager - got).abs().max()) < 1e-6 * float(got.max())
+
+
 @pytest.mark.parametrize("algorithm", sorted(WEIGHT_ALGORITHMS))
 def test_each_algorithm_quantizes_on_cpu_and_beats_nothing_worse_than_plain_max(algorithm):
     """Every rule algorithm runs on the CPU (static blockwise NVFP4 through quantkit's kernel) and the

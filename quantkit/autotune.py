@@ -2,8 +2,8 @@
 
 Starting from a recipe, each quantized layer (and the attention matmuls) can step down its ladder
 (nvfp4 -> fp8 -> the model's 16-bit dtype -> skip; int8 -> fp16 -> skip; ...). Every rung's layers
-are calibrated once, up front (the recipe itself, plus one calibration per other quantized
-precision on the ladders); candidates are then evaluated by swapping already-calibrated layers into
+are calibrated once (the recipe itself, plus, when the recipe misses the target, one calibration
+per other quantized precision on the ladders); candidates are then evaluated by swapping already-calibrated layers into
 one model, so no candidate is recalibrated. Each unit's gain for its next step is measured on the
 held-out samples; the step with the best cosine gain per weight byte is taken, until the target is
 reached; steps that turn out unneeded are undone, and the result, a recipe that `extends` the
@@ -212,24 +212,28 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
                 bank.add(row.name, p, m)
     if bank.attention_quantizers:
         units.append(Unit(ATTENTION_UNIT, 0, [recipe.attention.precision, Precision.SKIP]))
-    # One calibration per other quantized precision on the ladders, for all the layers that need it.
-    needed: dict[Precision, list[str]] = {}
-    for u in units:
-        for p in u.rungs[1:]:
-            if FORMATS[p].quantized and u.name != ATTENTION_UNIT:
-                needed.setdefault(p, []).append(u.name)
-    for p, names in needed.items():
-        other = make_loaded()
-        other.model.to(device=device, dtype=torch.float32)
-        variant = recipe.model_copy(update={"rules": [*recipe.rules, _rule_for(names, p)]})
-        console.info(f"calibrating the {p} rung of {len(names)} layer(s)")
-        ptq.quantize_model(other, variant, calib_part, dtype=dtype, device=device, batch_size=batch_size)
-        calibrations += 1
-        other_modules = dict(other.model.named_modules())
-        for n in names:
-            bank.add(n, p, other_modules[n])
-    del pristine
+    del pristine, pristine_modules
     timings["calibrate_s"] = time.perf_counter() - t0
+
+    def calibrate_rungs() -> int:
+        """One calibration per other quantized precision on the ladders, for all the layers that need it."""
+        t1 = time.perf_counter()
+        needed: dict[Precision, list[str]] = {}
+        for u in units:
+            for p in u.rungs[1:]:
+                if FORMATS[p].quantized and u.name != ATTENTION_UNIT:
+                    needed.setdefault(p, []).append(u.name)
+        for p, names in needed.items():
+            other = make_loaded()
+            other.model.to(device=device, dtype=torch.float32)
+            variant = recipe.model_copy(update={"rules": [*recipe.rules, _rule_for(names, p)]})
+            console.info(f"calibrating the {p} rung of {len(names)} layer(s)")
+            ptq.quantize_model(other, variant, calib_part, dtype=dtype, device=device, batch_size=batch_size)
+            other_modules = dict(other.model.named_modules())
+            for n in names:
+                bank.add(n, p, other_modules[n])
+        timings["calibrate_s"] += time.perf_counter() - t1
+        return len(needed)
 
     def linear_bytes() -> int:
         return sum(u.bytes_at(u.position, dtype) for u in units)
@@ -257,7 +261,9 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
     start_cosine, start_bytes = cosine, linear_bytes()
     steps: list[dict[str, Any]] = [{"step": 0, "action": "start", "cosine": cosine, "linear_bytes": start_bytes}]
     console.info(f"{recipe.name}: cosine {cosine:.6f}, quantized-linear weights {start_bytes} bytes; target {target_cosine}")
-    if cosine < target_cosine:
+    if cosine < target_cosine and max_steps > 0:
+        # The other rungs are calibrated only when the search runs (a recipe that reaches the target needs none).
+        calibrations += calibrate_rungs()
         for i, unit in enumerate(units):
             measure_next(unit, cosine)
             console.info(f"[{i + 1}/{len(units)}] {unit.name}: {unit.precision} -> {unit.rungs[1]} gains "

@@ -2,6 +2,11 @@
 """quantkit autotune against ModelOpt's mtq.auto_quantize at the same effective bits, side by side.
 
     python scripts/bench_autotune_vs_autoquantize.py --model minilm,llama-tiny --device cuda --dtype bf16
+    python scripts/bench_autotune_vs_autoquantize.py --model minilm,llama-tiny --device cuda \
+        --minilm-folder build/minilm-bf16 --json $OUT/autotune_vs_autoquantize_gpu.json
+
+(`--minilm-folder`: MiniLM from a folder written by `bench_nvfp4_algorithms.py --write-minilm-bf16`,
+for a machine that has no MiniLM weights.)
 
 Per model, one calibration set and one held-out split (the recipe's): `autotune` starts from
 `balanced` and stops at --target; its quantized linears' effective bits (weight bits per parameter,
@@ -41,8 +46,13 @@ def run_model(name: str, args) -> dict:
     import modelopt.torch.quantization as mtq
 
     from quantkit import autotune, ptq
-    from quantkit.models import load_model
+    from quantkit.models import load_model as load_builtin
     from quantkit.recipe import load_recipe
+
+    from bench_nvfp4_algorithms import load_minilm
+
+    def load_model(spec):  # MiniLM from --minilm-folder when given
+        return load_minilm(args.minilm_folder) if spec == "minilm" else load_builtin(spec)
 
     device = torch.device(args.device)
     recipe = load_recipe("balanced")
@@ -126,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--target", type=float, default=0.99)
     p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--minilm-folder", default=None, help="load MiniLM from this folder (bench_nvfp4_algorithms.py "
+                                                          "--write-minilm-bf16)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from quantkit import console
@@ -161,4 +173,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())

@@ -54,9 +54,9 @@ def _run(target, **kw):
 
 def test_the_ladder_moves_one_step_at_a_time_and_stops_at_the_target(tmp_path):
     console.set_quiet(True)
-    probe = _run(1.0, verify=False, max_steps=0)  # the recipe's own cosine, nothing moved
+    probe = _run(-0.5, verify=False)  # the recipe's own cosine: reached, nothing moved, no other rung calibrated
     start = probe.start_cosine
-    assert 0.9 < start < 0.999 and probe.changes() == {}
+    assert 0.9 < start < 0.999 and probe.changes() == {} and probe.calibrations == 1 and probe.reached
     target = 1 - (1 - start) / 3  # cut the recipe's loss to a third
     result = _run(target)
     assert result.start_cosine == pytest.approx(start, abs=1e-9)

@@ -120,43 +120,58 @@ def test_static_block_scales_round_as_modelopts_cuda_extension_not_its_eager_fal
     assert float((eager - got).abs().max()) < 1e-6 * float(got.max())
 
 
-@pytest.mark.parametrize("algorithm", sorted(WEIGHT_ALGORITHMS))
-def test_each_algorithm_quantizes_on_cpu_and_beats_nothing_worse_than_plain_max(algorithm):
-    """Every rule algorithm runs on the CPU (static blockwise NVFP4 through quantkit's kernel) and the
-    model's weight quantizers then use the algorithm's state; the error stays that of NVFP4."""
+STATIC = ("four_over_six", "mse_fp8_sweep", "local_hessian", "gptq")  # StaticBlockScaleQuantizer weights
+
+
+def _per_layer_recipe(algorithms):
+    """The tiny model's four NVFP4 linears, one rule (and one algorithm, None = max) each."""
+    layers = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    rules = [{"match": [name], "types": ["Linear"], "precision": "nvfp4", **({"algorithm": a} if a else {})}
+             for name, a in zip(layers, algorithms)]
+    return recipe_from_dict({"name": "algos", "default": "skip", "rules": rules, "attention": {"precision": "skip"}})
+
+
+@pytest.mark.parametrize("algorithms", [STATIC, ("awq_lite", "awq_clip", "awq_full", None)], ids=("static", "awq"))
+def test_every_algorithm_quantizes_on_cpu_one_layer_each(algorithms):
+    """Every rule algorithm runs on the CPU, four per quantize run (one layer each, each its own
+    calibration pass); the static ones quantize through quantkit's kernel bit for bit; the other
+    layers' quantizers are back on afterwards; the error stays that of NVFP4."""
     from quantkit import calib, ptq
 
+    assert set(STATIC) | {"awq_lite", "awq_clip", "awq_full"} == set(WEIGHT_ALGORITHMS)
     loaded = tiny_model()
     reference_model = copy.deepcopy(loaded.model)
-    cs = calib.synthetic_set(loaded, n=12, seed=0)
-    plan = ptq.quantize_model(loaded, _recipe(algorithm, algorithm), cs, dtype="fp32", device=torch.device("cpu"),
+    cs = calib.synthetic_set(loaded, n=8, seed=0)
+    plan = ptq.quantize_model(loaded, _per_layer_recipe(algorithms), cs, dtype="fp32", device=torch.device("cpu"),
                               batch_size=4)
-    assert sum(r.algorithm == algorithm for r in plan.layers) == 4
-    up = loaded.model.blocks[0].up
-    wq = up.weight_quantizer
-    assert wq.is_enabled and up.input_quantizer.is_enabled
-    if algorithm in ("four_over_six", "mse_fp8_sweep", "local_hessian", "gptq"):
-        assert type(wq).__name__ == "StaticBlockScaleQuantizer" and wq.amax.numel() == up.weight.numel() // 16
-        with torch.no_grad():
-            expected = nvfp4_cpu.nvfp4_static_fake_quantize(
-                up.weight, wq.amax, wq.global_amax,
-                fp8_max_for_normalization=256.0 if algorithm == "four_over_six" else 448.0)
-            assert torch.equal(wq(up.weight), expected)
-    # the other layers' quantizers were switched back on after the algorithm's pass
+    rows = {r.name: r.algorithm for r in plan.layers if r.algorithm}
+    assert sorted(rows.values()) == sorted(a for a in algorithms if a)
+    modules = dict(loaded.model.named_modules())
+    for name, algorithm in zip(["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"], algorithms):
+        layer = modules[name]
+        wq = layer.weight_quantizer
+        assert wq.is_enabled and layer.input_quantizer.is_enabled, name
+        if algorithm in STATIC:
+            assert type(wq).__name__ == "StaticBlockScaleQuantizer" and wq.amax.numel() == layer.weight.numel() // 16
+            with torch.no_grad():
+                expected = nvfp4_cpu.nvfp4_static_fake_quantize(
+                    layer.weight, wq.amax, wq.global_amax,
+                    fp8_max_for_normalization=256.0 if algorithm == "four_over_six" else 448.0)
+                assert torch.equal(wq(layer.weight), expected), algorithm
     assert loaded.model.blocks[0].q_proj.weight_quantizer.is_enabled is False  # skip in this recipe
     with torch.no_grad():
         args, kwargs = next(iter(cs.batches(4)))
         ref, out = reference_model(*args, **kwargs), loaded.model(*args, **kwargs)
     cos = torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0).item()
-    assert 0.97 < cos < 1.0, f"{algorithm}: cosine {cos}"
+    assert 0.97 < cos < 1.0, f"{algorithms}: cosine {cos}"
 
 
 def test_saved_run_with_static_algorithm_reloads_bit_for_bit(tmp_path):
     from quantkit import calib, ptq
 
     loaded = tiny_model()
-    recipe = _recipe("mse_fp8_sweep")
-    cs = calib.synthetic_set(loaded, n=12, seed=0)
+    recipe = _recipe("four_over_six")
+    cs = calib.synthetic_set(loaded, n=8, seed=0)
     result = ptq.quantize(loaded, recipe, cs, device="cpu", batch_size=4, per_layer=False)
     out = tmp_path / "run"
     out.mkdir()

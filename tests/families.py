@@ -274,6 +274,11 @@ RECIPES = ("fp8", "balanced", "fp16", "int8-smoothquant")
 CALIBRATION_SAMPLES = 12  # --synthetic; 10 % held out (at least one sample)
 
 
+# pi0 deploys PaliGemma on Thor: transformers' image-token merge exports a NonZero, which TensorRT-RTX
+# lacks (the compile check fails it for RTX targets, naming the node) and Jetson TensorRT has.
+EXPORT_ARGS: dict[str, list[str]] = {"paligemma": ["--target", "thor"]}
+
+
 def recipes_for(family: str) -> tuple[str, ...]:
     return RECIPES if family in TRANSFORMERS else RECIPES[:3]
 
@@ -318,7 +323,8 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
     row["cosine"] = min(m["cosine"] for m in report["metrics"]["fake-quant"].values())
     # The folder is ours: its model spec (this file) may run again. Export runs the TensorRT-RTX compile
     # check where it is installed (the test extra), so a graph a strongly typed build refuses fails here.
-    row["export"], row["export_message"] = _cli(["export", "--from", str(out_dir), "--trust-model-code", "-q"])
+    row["export"], row["export_message"] = _cli(["export", "--from", str(out_dir), "--trust-model-code", "-q",
+                                                 *EXPORT_ARGS.get(family, [])])
     audit_path = out_dir / "audit.json"
     if audit_path.is_file():
         audit = json.loads(audit_path.read_text())
@@ -335,9 +341,15 @@ def run_case(family: str, recipe: str, out_dir: Path) -> dict:
     plan = json.loads((out_dir / "plan.json").read_text())
     row["plan"] = plan
     row["roles"] = dict(sorted(Counter(layer["role"] or "?" for layer in plan["layers"]).items()))
+    # Layers the model never calls (the VAE's encoder half under decode()) keep the model's dtype whatever
+    # a plain-dtype rule says (layer_dtype.apply_layer_dtypes notes why): counted apart.
+    uncalled = [layer for layer in plan["layers"] if "without calling" in (layer.get("note") or "")]
+    row["not_called"] = sorted(layer["name"] for layer in uncalled)
     by_role: dict[str, set] = {}
     for layer in plan["layers"]:
-        by_role.setdefault(layer["role"] or "?", set()).add(layer["precision"])
+        if layer not in uncalled:
+            by_role.setdefault(layer["role"] or "?", set()).add(layer["precision"])
     row["precision_by_role"] = {k: sorted(v) for k, v in sorted(by_role.items())}
     row["protections"] = sorted({p["op"] for p in plan["protected"]})
+    row["attention_converted"] = sum(1 for a in plan.get("attention") or [] if a.get("converted"))
     return row

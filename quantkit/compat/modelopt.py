@@ -62,7 +62,7 @@ def is_dynamic(quantizer: Any) -> bool:
 
 def is_plain_max_calibrator(cal: Any) -> bool:
     """Whether `cal` is ModelOpt's MaxCalibrator itself (not a subclass) and keeps no per-call amax
-    list: the calibrator whose running max quantkit.calib.device_amax reproduces bit for bit."""
+    list: the calibrator whose running max quantkit.max_calibration.RunningAmax reproduces bit for bit."""
     from modelopt.torch.quantization.calib import MaxCalibrator
 
     return type(cal) is MaxCalibrator and not bool(_req(cal, "_track_amax", "MaxCalibrator"))

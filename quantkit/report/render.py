@@ -17,10 +17,6 @@ from typing import Any, Mapping
 from quantkit.metrics import Metrics, Thresholds, judge
 from quantkit.report.document import SCHEMA, load_report, write_reports
 
-# The runtimes `compare` measures against FP32, in the report's order.
-COMPARED_RUNTIMES = ("fake-quant", "onnxruntime", "tensorrt", "torch-fp8")
-
-
 def _metrics(metrics: Mapping[str, Metrics]) -> dict[str, Any]:
     return {k: m.to_dict() for k, m in metrics.items()}
 
@@ -108,7 +104,9 @@ def _apply_comparison(report: dict[str, Any], comparison: Any) -> None:
     comparison against another reference, and the report's gate re-judged over every runtime measured."""
     table = report.setdefault("metrics", {})
     hists = report.setdefault("error_histograms", {})
-    for name in COMPARED_RUNTIMES:
+    for name in comparison.runtimes:  # every runtime it tried, in compare's order
+        if name == "fp32":  # the reference the others are measured against
+            continue
         if name in comparison.vs_fp32:
             table[name] = _metrics(comparison.vs_fp32[name])
             hists[name] = comparison.histograms[name]

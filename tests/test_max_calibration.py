@@ -24,6 +24,7 @@ from quantkit.models import LoadedModel  # noqa: E402
 from quantkit.modelopt_config import build_quant_config  # noqa: E402
 from quantkit.plan import make_plan  # noqa: E402
 from quantkit.recipe import recipe_from_dict  # noqa: E402
+from tests.tiny import amaxes_both_ways  # noqa: E402
 
 
 class Net(nn.Module):
@@ -63,11 +64,6 @@ def _calibration(n: int = 12) -> CalibrationSet:
     return CalibrationSet.from_samples(samples, {"batching": "examples"})
 
 
-def _amaxes(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m._amax.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, TensorQuantizer) and "_amax" in m._buffers}
-
-
 @pytest.mark.parametrize("axis", [None, 0, (0, 2)])
 def test_running_amax_equals_max_calibrator_collect(axis):
     """The collector alone against ModelOpt's MaxCalibrator on one sequence of tensors: signs, zeros,
@@ -95,13 +91,8 @@ def test_running_amax_equals_max_calibrator_collect(axis):
 def test_amax_bitwise_equal_to_modelopt_max_calibration(dtype):
     recipe = recipe_from_dict(RECIPE)
     calib = _calibration()
-    got = {}
-    for device_stats in (False, True):
-        loaded = _loaded()
-        ptq.quantize_model(loaded, recipe, calib, dtype=dtype, device=torch.device("cpu"), batch_size=4,
-                           device_stats=device_stats)
-        got[device_stats] = _amaxes(loaded.model)
-    ours, theirs = got[True], got[False]
+    ours, theirs = amaxes_both_ways(_loaded, recipe, calib, dtype=dtype, device=torch.device("cpu"),
+                                    batch_size=4)
     assert set(ours) == set(theirs)
     # weight and input quantizers of every format: per tensor (fp8), per output channel (int8 weight), NVFP4
     for name in ("up", "down", "int8_proj", "fp4_proj"):

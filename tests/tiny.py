@@ -32,3 +32,19 @@ def quantize_synthetic(loaded, recipe, *, per_layer: bool = False):
 
     return ptq.quantize(loaded, load_recipe(str(recipe)), calib.synthetic_set(loaded, n=8, seed=0), batch_size=4,
                         per_layer=per_layer)
+
+
+def amaxes_both_ways(make_loaded, recipe, calib, **quantize_kwargs):
+    """(quantkit's device statistics, ModelOpt's own max calibration): each quantizer's amax after
+    ptq.quantize_model of a fresh `make_loaded()` on the same samples, once each way."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from quantkit import ptq
+
+    got = {}
+    for device_stats in (False, True):
+        loaded = make_loaded()
+        ptq.quantize_model(loaded, recipe, calib, device_stats=device_stats, **quantize_kwargs)
+        got[device_stats] = {n: m._amax.detach().clone() for n, m in loaded.model.named_modules()
+                             if isinstance(m, TensorQuantizer) and "_amax" in m._buffers}
+    return got[True], got[False]

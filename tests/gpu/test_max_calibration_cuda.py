@@ -9,18 +9,11 @@ import warnings
 import pytest
 import torch
 
-from quantkit import ptq
 from quantkit.max_calibration import RunningAmax
 from quantkit.recipe import load_recipe
+from tests.tiny import amaxes_both_ways
 
 warnings.filterwarnings("ignore")
-
-
-def _amaxes(model):
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    return {n: m._amax.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, TensorQuantizer) and "_amax" in m._buffers}
 
 
 def _decoder():
@@ -53,13 +46,7 @@ def calib():
 @pytest.mark.parametrize("recipe_name,dtype", [("fp8", "bf16"), ("balanced", "bf16"), ("nvfp4", "fp32")])
 def test_amax_bitwise_equal_to_modelopt_on_cuda(calib, recipe_name, dtype):
     recipe = load_recipe(recipe_name)
-    got = {}
-    for device_stats in (False, True):
-        loaded = _decoder()
-        ptq.quantize_model(loaded, recipe, calib, dtype=dtype, device=torch.device("cuda"), batch_size=16,
-                           device_stats=device_stats)
-        got[device_stats] = _amaxes(loaded.model)
-    ours, theirs = got[True], got[False]
+    ours, theirs = amaxes_both_ways(_decoder, recipe, calib, dtype=dtype, device=torch.device("cuda"), batch_size=16)
     assert set(ours) == set(theirs) and len(theirs) >= 4 * 7  # 4 layers x 7 linears, weight and input
     differ = [n for n in theirs if ours[n].dtype != theirs[n].dtype or not torch.equal(ours[n], theirs[n])]
     assert differ == [], differ[:5]

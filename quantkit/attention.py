@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from quantkit import multihead
+from quantkit import eager_masks, multihead
 from quantkit.attention_math import ROLES, ROUTED_FLAG, SOFTMAX_FLAG, explicit_sdpa, fp32_softmax
 from quantkit.attention_math import (MatmulRouter, any_active, bmm_quantizers, needs_explicit, tensor_fp32_softmax,
                                      torch_bmm, torch_sdpa)
@@ -118,6 +118,7 @@ def quantkit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     eager = _family_eager(module)
     if eager is None:
         raise RuntimeError(f"quantkit attention: no eager_attention_forward next to {type(module).__name__}")
+    attention_mask = eager_masks.as_eager(attention_mask, module, query, key, kwargs.get("is_causal"))
     if not needs_explicit(module, query):
         fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
@@ -139,7 +140,8 @@ def _quantkit_mask(*args: Any, **kwargs: Any):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     original = getattr(kwargs.get("config"), _ORIGINAL_ATTN, "sdpa")
-    return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs)
+    # Traced, the mask is materialized where eager leaves it out: tagged so that attention does as eager.
+    return eager_masks.mark(ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs), original, **kwargs)
 
 
 def register_transformers_implementation(changes: Patches) -> None:

@@ -325,3 +325,47 @@ def test_diffusers_attention_processor_sdpa_routed():
         diff = (run(net) - ref).abs().max().item()
         assert diff <= 1e-5, f"explicit attention vs SDPA max diff {diff}"
     assert F.scaled_dot_product_attention is sdpa_before  # nothing left patched after the forward
+
+
+class _Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _tiny_bidirectional_gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, use_bidirectional_attention=True, use_cache=False)
+    torch.manual_seed(0)
+    return GemmaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_exported_mask_follows_eager_for_a_non_causal_module(tmp_path, padded):
+    """PaliGemma's Gemma: its attentions are not causal (use_bidirectional_attention) while its mask is.
+    Eager sdpa leaves the mask out over an unpadded batch and attends bidirectionally; traced, the mask
+    is materialized (causal). quantkit's attention must give the graph eager's attention either way."""
+    ort = pytest.importorskip("onnxruntime")
+    model = _tiny_bidirectional_gemma()
+    assert model.model.layers[0].self_attn.is_causal is False
+    protect_model(model, ProtectSpec())  # routes the attention through quantkit (FP32 softmax)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 6:] = 0
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).logits
+        path = tmp_path / "gemma.onnx"
+        torch.onnx.export(_Logits(model), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamo=False, opset_version=17)
+    got = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy(),
+                                                                     "attention_mask": mask.numpy()})[0])
+    valid = mask.bool()
+    # the bidirectional and causal attentions of these weights differ well above float rounding
+    assert cosine(eager[valid], got[valid]) > 0.999999
+    assert (eager[valid] - got[valid]).abs().max().item() < 1e-4

@@ -200,11 +200,13 @@ def test_reference_compares_each_block_fed_the_graphs_own_input(exported_run):
     from quantkit.verify.reference import reference_run
 
     result = reference_run(exported_run)
-    # blocks.0 reads the graph input itself, so it has no separate input check; blocks.1's input is checked
-    assert set(result.per_block) == {"blocks.0", "blocks.1 input", "blocks.1", "head: y"}
+    # blocks.0 reads the graph input itself, so it has no separate input check; blocks.1's input is checked,
+    # and what blocks.1 adds to it (its update, without the residual that dominates its output)
+    assert set(result.per_block) == {"blocks.0", "blocks.1 input", "blocks.1", "blocks.1 update", "head: y"}
     assert all(m.cosine >= 0.9999 for m in result.per_block.values()), {k: m.cosine for k, m in result.per_block.items()}
     report = json.loads((exported_run / "report.json").read_text())
-    assert set(report["onnxruntime_vs_fake_quant_per_block"]) == {"blocks.0", "blocks.1 input", "blocks.1", "head: y"}
+    assert set(report["onnxruntime_vs_fake_quant_per_block"]) == {"blocks.0", "blocks.1 input", "blocks.1",
+                                                                  "blocks.1 update", "head: y"}
     assert report["onnxruntime"]["verdict"] == "per block" and report["onnxruntime"]["passed"] is True
 
 
@@ -234,6 +236,8 @@ def test_a_wrong_scale_in_one_block_fails_that_block_and_no_other(exported_run, 
     result = reference_run(exported_run, onnx_path=broken, update_report=False)
     cos = {k: m.cosine for k, m in result.per_block.items()}
     assert cos["blocks.0"] >= 0.9999 and cos["blocks.1"] < 0.999, cos
+    # the update alone (blocks.1's output less the input both sides were fed) shows the error more plainly
+    assert cos["blocks.1 update"] < cos["blocks.1"], cos
     assert not result, "a block that computes something else fails the reference"
 
 

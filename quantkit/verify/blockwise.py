@@ -120,9 +120,11 @@ def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: 
     given the graph's output). Names: each block's output under the block's name, and each block's
     input as "<block> input" — PyTorch's own input there (for the first block: what the stem before
     it computed; for the others: the previous block's graph output through whatever the parent does
-    in between) against the graph's, so no part of the model goes unchecked. Blocks whose tensors
+    in between) against the graph's, so no part of the model goes unchecked; and, where input and output
+    have one shape, the block's update ("<block> update": output less the fed input). Blocks whose tensors
     could not be matched by shape, or that ran more than once, are left out."""
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    fed_inputs: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
     handles = []
 
@@ -136,6 +138,7 @@ def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: 
             if fed is None:
                 return None
             pairs[f"{block} input"] = (hidden.detach().float().cpu(), fed.float())
+            fed_inputs[block] = fed.float()
             fed = fed.to(device=hidden.device, dtype=hidden.dtype)
             if args:
                 return (fed, *args[1:]), kwargs
@@ -151,6 +154,12 @@ def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: 
             if graph_out is None:
                 return None
             pairs[block] = (hidden.detach().float().cpu(), graph_out.float())
+            fed = fed_inputs.get(block)
+            if fed is not None and fed.shape == graph_out.shape:
+                # What the block adds to its input: a residual block's output is mostly its input, which
+                # hides a wrong attention or MLP inside it (a cosine of 0.9996 over a causal-vs-bidirectional
+                # attention); both sides were fed the same input, so the update is compared alone too.
+                pairs[f"{block} update"] = (hidden.detach().float().cpu() - fed, graph_out.float() - fed)
             return _with_hidden(output, graph_out.to(device=hidden.device, dtype=hidden.dtype))
         return hook
 
@@ -167,4 +176,5 @@ def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: 
         if n != 1:  # a block called twice in one forward: one graph scope cannot stand for both calls
             pairs.pop(block, None)
             pairs.pop(f"{block} input", None)
+            pairs.pop(f"{block} update", None)
     return pairs, result

@@ -1,0 +1,73 @@
+"""Attention masks in an exported graph as transformers' eager (sdpa) forward uses them.
+
+With the sdpa implementation, transformers leaves out a mask the kernel can do without: over a batch
+without padding, a plain causal or bidirectional mask becomes None, and the attention module's own
+`is_causal` then decides (`sdpa_attention_forward`: causal iff more than one query and
+`module.is_causal`). Under tracing it cannot read the padding, so it always materializes the mask.
+Where the module's `is_causal` and the mask's kind disagree, eager PyTorch and the traced graph
+compute different attentions: PaliGemma's Gemma (`use_bidirectional_attention=True`: its attentions
+are not causal, its mask is) attends bidirectionally in PyTorch over an unpadded batch and causally in
+the graph; ORT then differs from PyTorch by far more than any rounding.
+
+`mark` (from quantkit's mask function) tags a mask materialized only because of tracing with the
+in-graph condition under which eager would have left it out; `as_eager` (from quantkit's attention)
+applies, under that condition, what eager does with no mask. Outside tracing nothing is tagged, so
+eager PyTorch runs exactly as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_MARK = "_quantkit_eager_skip"  # tensor attribute: (kind, no_padding) of a mask eager would have left out
+
+
+def _tracing() -> bool:
+    from transformers.utils.import_utils import is_tracing
+
+    return bool(is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def mark(mask: Any, original: str, *, q_length: int, kv_length: int, kv_offset: int = 0,
+         attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+         allow_is_causal_skip: bool = False, allow_is_bidirectional_skip: bool = False, **_: Any) -> Any:
+    """Tag `mask` (made by the `original` mask function) with when eager sdpa would have returned None."""
+    if original != "sdpa" or not torch.is_tensor(mask) or mask.dtype != torch.bool or not _tracing():
+        return mask
+    if local_size is not None and kv_length >= local_size:
+        return mask  # a sliding window is never left out
+    if allow_is_causal_skip and (q_length == 1 or kv_length == q_length):
+        kind = "causal"
+    elif allow_is_bidirectional_skip:
+        kind = "bidirectional"
+    else:
+        return mask
+    if attention_mask is None:
+        no_padding = torch.ones((), dtype=torch.bool, device=mask.device)
+    else:
+        from transformers.masking_utils import prepare_padding_mask
+
+        no_padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, -kv_length:].bool().all()
+    setattr(mask, _MARK, (kind, no_padding))
+    return mask
+
+
+def as_eager(mask: Any, module: Any, query: torch.Tensor, key: torch.Tensor, is_causal: bool | None) -> Any:
+    """The mask eager PyTorch would have used: for a tagged mask, where no token is padded, what sdpa
+    does with None for this module; else `mask` itself."""
+    tag = getattr(mask, _MARK, None) if torch.is_tensor(mask) else None
+    if tag is None:
+        return mask
+    kind, no_padding = tag
+    q, k = query.shape[-2], key.shape[-2]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    none_is_causal = q > 1 and bool(causal)
+    if none_is_causal == (kind == "causal"):
+        return mask  # None would have meant what the mask says
+    none_mask = torch.ones(q, k, dtype=torch.bool, device=mask.device)
+    if none_is_causal:
+        none_mask = none_mask.tril()  # sdpa's is_causal: top-left aligned
+    # And/Or/Not rather than a boolean Where, which ONNX Runtime's CPU provider has no kernel for
+    return (none_mask & no_padding) | (mask & ~no_padding)

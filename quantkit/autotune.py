@@ -1,13 +1,18 @@
 """Autotune: move layers down the precision ladder, one step at a time, until a measured cosine is reached.
 
-Starting from a recipe, each quantized layer (and the attention matmuls) can step down its ladder
-(nvfp4 -> fp8 -> the model's 16-bit dtype -> skip; int8 -> fp16 -> skip; ...). Every rung's layers
-are calibrated once (the recipe itself, plus, when the recipe misses the target, one calibration
-per other quantized precision on the ladders); candidates are then evaluated by swapping already-calibrated layers into
-one model, so no candidate is recalibrated. Each unit's gain for its next step is measured on the
-held-out samples; the step with the best cosine gain per weight byte is taken, until the target is
-reached; steps that turn out unneeded are undone, and the result, a recipe that `extends` the
-original, is verified by quantizing a fresh model with it.
+Starting from a recipe, each quantized layer (and the attention matmuls) can step down its ladder of
+rungs (`Rung`: a precision plus the rule fields it implies): nvfp4 (as the recipe's rule says) ->
+nvfp4-w4a8 (the same NVFP4 weights and weight algorithm, FP8 activations; only when the rule
+quantizes the activations to NVFP4) -> fp8 -> the model's 16-bit dtype -> skip; int8 -> fp16 -> skip;
+... Every rung's layers are calibrated once (the recipe itself, plus, when the recipe misses the
+target, one calibration per other quantized rung on the ladders); candidates are then evaluated by
+swapping already-calibrated layers into one model, so no candidate is recalibrated. Each unit's gain
+for its next step is measured on the held-out samples. Steps that cost no weight bytes (W4A8, the
+attention matmuls) are taken first, largest measured gain first, when that gain is positive; then
+the step with the best cosine gain per weight byte, until the target is reached. A zero-byte rung
+that measures no gain is passed over for that unit (its next step is measured to the rung below).
+Steps that turn out unneeded are undone, and the result, a recipe that `extends` the original, is
+verified by quantizing a fresh model with it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from quantkit import console
 from quantkit.models import LoadedModel
-from quantkit.plan import DTYPE_BYTES, Plan
+from quantkit.plan import DTYPE_BYTES, LayerPlan, Plan
 from quantkit.recipe import FORMATS, Precision, Recipe, Rule
 
 RESULT_FILE = "autotune.json"
@@ -32,13 +37,96 @@ RECIPE_FILE = "autotuned-recipe.yaml"
 ATTENTION_UNIT = "attention matmuls"
 
 
-def ladder(precision: Precision, model_dtype: str) -> list[Precision]:
-    """The rungs below `precision`, nearest first, ending at skip (the layer as the model has it)."""
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One rung of a unit's ladder: a precision and the recipe-rule fields it implies.
+
+    `weights` / `activations` are the formats as a plan row has them (None: not quantized, e.g. a
+    weight-only rule's inputs); `algorithm` and `calibrator` are the recipe rule's, which the W4A8 rung
+    keeps (it changes only the activation format). Hashable: the layer bank and the override recipe are
+    keyed by rung.
+    """
+
+    precision: Precision
+    weights: Precision | None = None
+    activations: Precision | None = None
+    algorithm: str | None = None
+    calibrator: str | None = None
+
+    @classmethod
+    def plain(cls, precision: Precision) -> "Rung":
+        """`precision` for weights and activations alike (nothing quantized for fp16/bf16/skip)."""
+        q = FORMATS[precision].quantized
+        return cls(precision, precision if q else None, precision if q else None)
+
+    @classmethod
+    def of_row(cls, row: LayerPlan) -> "Rung":
+        """Where the recipe puts a planned layer: the start of its ladder."""
+        return cls(row.precision, row.weights, row.activations, row.algorithm, row.calibrator)
+
+    @property
+    def quantized(self) -> bool:
+        return FORMATS[self.precision].quantized
+
+    @property
+    def weight_precision(self) -> Precision:
+        return self.weights or self.precision
+
+    @property
+    def label(self) -> str:
+        """"nvfp4", "nvfp4-w4a8", "fp8", "fp16", "skip", ...: what autotune.json and the console name it."""
+        if not self.quantized:
+            return str(self.precision)
+        w, a = self.weight_precision, self.activations
+        if a == w:
+            return str(w)
+        if a is None:
+            return f"{w}-weight-only"
+        return f"{w}-w{FORMATS[w].bits}a{FORMATS[a].bits}"
+
+    def __str__(self) -> str:
+        return self.label
+
+    def rule_fields(self) -> dict[str, Any]:
+        """The recipe-rule fields (YAML-ready strings) that put a layer on this rung."""
+        fields: dict[str, Any] = {"precision": str(self.precision)}
+        if not self.quantized:
+            return fields
+        if self.weight_precision != self.precision:
+            fields["weights"] = str(self.weight_precision)
+        if self.activations != self.precision:
+            # None: inputs left in floating point (any unquantized format reads so in the plan).
+            fields["activations"] = str(self.activations or Precision.SKIP)
+        if self.algorithm:
+            fields["algorithm"] = self.algorithm
+        if self.calibrator:
+            fields["calibrator"] = self.calibrator
+        return fields
+
+    def rule(self, names: list[str], note: str | None = None) -> Rule:
+        from quantkit.sensitivity import _exact
+
+        return Rule.model_validate({"match": [_exact(n) for n in names], **self.rule_fields(),
+                                    **({"note": note} if note else {})})
+
+
+def ladder(start: Rung | Precision, model_dtype: str) -> list[Rung]:
+    """A unit's rungs from `start` (where the recipe puts it) down, nearest first, ending at skip.
+
+    By weight format: NVFP4 -> [W4A8 when the activations are NVFP4] -> fp8 -> 16-bit -> skip; fp8 or
+    int8 -> 16-bit -> skip. The W4A8 rung keeps the rule's weight algorithm and calibrator.
+    """
+    start = start if isinstance(start, Rung) else Rung.plain(start)
     sixteen = {"bf16": Precision.BF16, "fp16": Precision.FP16}.get(model_dtype, Precision.FP16)
-    full = {Precision.NVFP4: [Precision.FP8, sixteen], Precision.FP8: [sixteen], Precision.INT8: [sixteen],
-            Precision.FP16: [], Precision.BF16: []}.get(precision, [])
+    below = {Precision.NVFP4: [Precision.FP8, sixteen], Precision.FP8: [sixteen],
+             Precision.INT8: [sixteen]}.get(start.weight_precision, []) if start.quantized else []
+    rungs = [start]
+    if start.weight_precision == Precision.NVFP4 and start.activations == Precision.NVFP4:
+        # W4A4 -> W4A8: the NVFP4 weights stay (zero weight bytes), the activations go to FP8.
+        rungs.append(Rung(start.precision, Precision.NVFP4, Precision.FP8, start.algorithm, start.calibrator))
     # A 16-bit rung equal to the model's own dtype is the same as skip.
-    return [p for p in full if not (not FORMATS[p].quantized and model_dtype != "fp32")] + [Precision.SKIP]
+    rungs += [Rung.plain(p) for p in below if FORMATS[p].quantized or model_dtype == "fp32"]
+    return rungs + [Rung.plain(Precision.SKIP)]
 
 
 @dataclasses.dataclass
@@ -47,23 +135,30 @@ class Unit:
 
     name: str
     params: int
-    rungs: list[Precision]  # [recipe precision, next, ..., skip]
+    rungs: list[Rung]  # [where the recipe puts it, next, ..., skip]
     position: int = 0
-    next_gain: float | None = None  # measured cosine gain of one step down from `position`
+    # The rung its next step goes to (usually position + 1; further when a zero-byte rung was passed
+    # over) and that step's measured cosine gain; None when it cannot step.
+    next_position: int | None = None
+    next_gain: float | None = None
+
+    @property
+    def rung(self) -> Rung:
+        return self.rungs[self.position]
 
     @property
     def precision(self) -> Precision:
-        return self.rungs[self.position]
+        return self.rung.precision
 
     @property
     def can_step(self) -> bool:
         return self.position + 1 < len(self.rungs)
 
     def bytes_at(self, position: int, model_dtype: str) -> int:
-        p = self.rungs[position]
-        if p == Precision.SKIP:
+        r = self.rungs[position]
+        if r.precision == Precision.SKIP:
             return self.params * DTYPE_BYTES[model_dtype]
-        return int(round(self.params * FORMATS[p].bytes_per_weight))
+        return int(round(self.params * FORMATS[r.weight_precision].bytes_per_weight))
 
 
 @dataclasses.dataclass
@@ -87,24 +182,27 @@ class AutotuneResult:
     def __bool__(self) -> bool:
         return self.reached
 
-    def changes(self) -> dict[str, Precision]:
-        return {u.name: u.precision for u in self.units if u.position > 0}
+    def changes(self) -> dict[str, Rung]:
+        return {u.name: u.rung for u in self.units if u.position > 0}
 
     def override(self) -> dict[str, Any]:
+        """The written recipe: `extends` the original, one rule per rung the moved layers stand on."""
         from quantkit.sensitivity import _exact, _extends_spec
 
         data: dict[str, Any] = {"name": f"{self.recipe.name}-autotuned", "extends": _extends_spec(self.recipe)}
-        by_precision: dict[Precision, list[str]] = {}
+        by_rung: dict[Rung, list[str]] = {}
         attention_skip = False
-        for name, p in self.changes().items():
+        for name, rung in self.changes().items():
             if name == ATTENTION_UNIT:
                 attention_skip = True
             else:
-                by_precision.setdefault(p, []).append(name)
-        if by_precision:
-            data["rules"] = [{"match": [_exact(n) for n in names], "precision": str(p),
-                              "note": "moved down the precision ladder by `quantkit autotune`"}
-                             for p, names in by_precision.items()]
+                by_rung.setdefault(rung, []).append(name)
+        if by_rung:
+            # A rule replaces the recipe's rule for its layers (the last match wins, fields do not
+            # merge), so each states the rung in full: W4A8 keeps the weight algorithm and calibrator.
+            data["rules"] = [{"match": [_exact(n) for n in names], **rung.rule_fields(),
+                              "note": f"moved down the precision ladder to {rung} by `quantkit autotune`"}
+                             for rung, names in by_rung.items()]
         if attention_skip:
             data["attention"] = {"precision": "skip"}
         data["thresholds"] = {"cosine_min": self.target_cosine}
@@ -127,14 +225,14 @@ class AutotuneResult:
         return points
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": "quantkit.autotune/1", "recipe": self.recipe.name, "target_cosine": self.target_cosine,
+        return {"schema": "quantkit.autotune/2", "recipe": self.recipe.name, "target_cosine": self.target_cosine,
                 "max_linear_bytes": self.max_linear_bytes, "model_dtype": self.model_dtype,
                 "start_cosine": self.start_cosine, "start_linear_bytes": self.start_bytes,
                 "reached_cosine": self.reached_cosine, "linear_bytes": self.linear_bytes, "reached": self.reached,
                 "samples": self.samples, "heldout_samples": self.heldout_samples, "calibrations": self.calibrations,
                 "timings": self.timings,
-                "units": [{"unit": u.name, "params": u.params, "ladder": [str(p) for p in u.rungs],
-                           "precision": str(u.precision)} for u in self.units],
+                "units": [{"unit": u.name, "params": u.params, "ladder": [r.label for r in u.rungs],
+                           "rung": u.rung.label, "precision": str(u.precision)} for u in self.units],
                 "changes": {k: str(v) for k, v in self.changes().items()},
                 "steps": self.steps, "pareto": self.pareto(), "override": self.override()}
 
@@ -148,13 +246,13 @@ class LayerBank:
 
     def __init__(self, model: nn.Module, plan: Plan):
         self.model = model
-        self.versions: dict[str, dict[Precision, nn.Module]] = {}
+        self.versions: dict[str, dict[Rung, nn.Module]] = {}
         self.attention_quantizers = [q for a in plan.attention if a.get("converted")
                                      for q in (a.get("quantizers") or {}).values()]
         self._modules = dict(model.named_modules())
 
-    def add(self, name: str, precision: Precision, module: nn.Module) -> None:
-        self.versions.setdefault(name, {})[precision] = module
+    def add(self, name: str, rung: Rung, module: nn.Module) -> None:
+        self.versions.setdefault(name, {})[rung] = module
 
     def set(self, unit: Unit) -> None:
         if unit.name == ATTENTION_UNIT:
@@ -162,13 +260,34 @@ class LayerBank:
                 m = self._modules[q]
                 m.enable() if unit.precision != Precision.SKIP else m.disable()
             return
-        self.model.set_submodule(unit.name, self.versions[unit.name][unit.precision])
+        self.model.set_submodule(unit.name, self.versions[unit.name][unit.rung])
 
 
-def _rule_for(names: list[str], precision: Precision) -> Rule:
-    from quantkit.sensitivity import _exact
+def measure_next(unit: Unit, gain_at: Callable[[int], float], model_dtype: str) -> list[tuple[int, float]]:
+    """Set `unit.next_position` / `next_gain`: its next step down and that step's measured cosine gain
+    (`gain_at(position)`); returns the (position, gain) of the rungs passed over on the way.
 
-    return Rule(match=[_exact(n) for n in names], precision=precision)
+    A rung that costs no weight bytes (W4A8) and measures no gain is passed over: the step is then
+    measured to the rung below, so a unit whose FP8 activations do not help still reaches fp8 (one
+    measurement more). The last rung is never passed over."""
+    unit.next_position = unit.next_gain = None
+    passed: list[tuple[int, float]] = []
+    here = unit.bytes_at(unit.position, model_dtype)
+    for to in range(unit.position + 1, len(unit.rungs)):
+        unit.next_position, unit.next_gain = to, gain_at(to)
+        if unit.next_gain > 0 or unit.bytes_at(to, model_dtype) > here or to + 1 == len(unit.rungs):
+            break
+        passed.append((to, unit.next_gain))
+    return passed
+
+
+def _priority(gain: float, cost: int) -> tuple[int, float, float]:
+    """Which candidate step goes first (the largest key): steps that cost no weight bytes (W4A8, the
+    attention matmuls) by measured gain when it is positive; then by gain per weight byte (gain breaks
+    ties); last, free steps that measured no gain (a gain per byte would divide by zero)."""
+    if cost <= 0:
+        return (2, gain, 0.0) if gain > 0 else (0, gain, 0.0)
+    return (1, gain / cost, gain)
 
 
 def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration, *, target_cosine: float,
@@ -200,38 +319,39 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
     base_modules = dict(base.model.named_modules())
     units: list[Unit] = []
     for row in plan.quantized_layers():
-        rungs = [row.precision] + ladder(row.precision, dtype)
+        rungs = ladder(Rung.of_row(row), dtype)
         units.append(Unit(row.name, row.params, rungs))
-        bank.add(row.name, row.precision, base_modules[row.name])
-        for p in rungs[1:]:
-            if p == Precision.SKIP:
-                bank.add(row.name, p, copy.deepcopy(pristine_modules[row.name]))
-            elif not FORMATS[p].quantized:
+        bank.add(row.name, rungs[0], base_modules[row.name])
+        for r in rungs[1:]:
+            if r.precision == Precision.SKIP:
+                bank.add(row.name, r, copy.deepcopy(pristine_modules[row.name]))
+            elif not r.quantized:
                 m = copy.deepcopy(pristine_modules[row.name])
-                set_layer_dtype(m, getattr(torch, FORMATS[p].torch_dtype), model_torch_dtype)
-                bank.add(row.name, p, m)
+                set_layer_dtype(m, getattr(torch, FORMATS[r.precision].torch_dtype), model_torch_dtype)
+                bank.add(row.name, r, m)
     if bank.attention_quantizers:
-        units.append(Unit(ATTENTION_UNIT, 0, [recipe.attention.precision, Precision.SKIP]))
+        units.append(Unit(ATTENTION_UNIT, 0, [Rung.plain(recipe.attention.precision), Rung.plain(Precision.SKIP)]))
     del pristine, pristine_modules
     timings["calibrate_s"] = time.perf_counter() - t0
 
     def calibrate_rungs() -> int:
-        """One calibration per other quantized precision on the ladders, for all the layers that need it."""
+        """One calibration per other quantized rung on the ladders (fp8, nvfp4-w4a8 per weight algorithm,
+        ...), for all the layers that need it."""
         t1 = time.perf_counter()
-        needed: dict[Precision, list[str]] = {}
+        needed: dict[Rung, list[str]] = {}
         for u in units:
-            for p in u.rungs[1:]:
-                if FORMATS[p].quantized and u.name != ATTENTION_UNIT:
-                    needed.setdefault(p, []).append(u.name)
-        for p, names in needed.items():
+            for r in u.rungs[1:]:
+                if r.quantized and u.name != ATTENTION_UNIT:
+                    needed.setdefault(r, []).append(u.name)
+        for r, names in needed.items():
             other = make_loaded()
             other.model.to(device=device, dtype=torch.float32)
-            variant = recipe.model_copy(update={"rules": [*recipe.rules, _rule_for(names, p)]})
-            console.info(f"calibrating the {p} rung of {len(names)} layer(s)")
+            variant = recipe.model_copy(update={"rules": [*recipe.rules, r.rule(names)]})
+            console.info(f"calibrating the {r} rung of {len(names)} layer(s)")
             ptq.quantize_model(other, variant, calib_part, dtype=dtype, device=device, batch_size=batch_size)
             other_modules = dict(other.model.named_modules())
             for n in names:
-                bank.add(n, p, other_modules[n])
+                bank.add(n, r, other_modules[n])
         timings["calibrate_s"] += time.perf_counter() - t1
         return len(needed)
 
@@ -242,19 +362,26 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
         outputs = ptq.run_outputs(base, base.model, heldout, batch_size, device, dtype, desc)
         return _worst_cosine(ptq.compare_runs(reference, outputs))
 
-    def measure_next(unit: Unit, current: float) -> None:
-        """The cosine gain of stepping `unit` one rung down from where it is, everything else as it is."""
-        if not unit.can_step:
-            unit.next_gain = None
-            return
-        unit.position += 1
-        bank.set(unit)
-        unit.next_gain = evaluate(f"measure {unit.name}") - current
-        unit.position -= 1
-        bank.set(unit)
+    def measure(unit: Unit, current: float) -> None:
+        """`unit`'s next step and its cosine gain, everything else as it is (see measure_next)."""
+
+        def gain_at(position: int) -> float:
+            here = unit.position
+            unit.position = position
+            bank.set(unit)
+            gain = evaluate(f"measure {unit.name}") - current
+            unit.position = here
+            bank.set(unit)
+            return gain
+
+        for position, gain in measure_next(unit, gain_at, dtype):
+            steps.append({"action": "passed", "unit": unit.name, "rung": unit.rungs[position].label,
+                          "measured_gain": gain})
+            console.info(f"{unit.name}: {unit.rung} -> {unit.rungs[position]} gains {gain:+.6f} and costs no "
+                         f"bytes: passed over")
 
     def step_cost(unit: Unit) -> int:
-        return max(1, unit.bytes_at(unit.position + 1, dtype) - unit.bytes_at(unit.position, dtype))
+        return unit.bytes_at(unit.next_position, dtype) - unit.bytes_at(unit.position, dtype)
 
     t0 = time.perf_counter()
     cosine = evaluate("evaluate recipe")
@@ -265,30 +392,32 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
         # The other rungs are calibrated only when the search runs (a recipe that reaches the target needs none).
         calibrations += calibrate_rungs()
         for i, unit in enumerate(units):
-            measure_next(unit, cosine)
-            console.info(f"[{i + 1}/{len(units)}] {unit.name}: {unit.precision} -> {unit.rungs[1]} gains "
-                         f"{unit.next_gain:+.6f}")
-        steps.append({"action": "measured", "gains": {u.name: u.next_gain for u in units}})
+            measure(unit, cosine)
+            if unit.next_position is not None:
+                console.info(f"[{i + 1}/{len(units)}] {unit.name}: {unit.rung} -> {unit.rungs[unit.next_position]} "
+                             f"gains {unit.next_gain:+.6f}")
+        steps.append({"action": "measured", "gains": {u.name: u.next_gain for u in units},
+                      "to": {u.name: u.rungs[u.next_position].label for u in units if u.next_position is not None}})
     moved: list[tuple[Unit, float]] = []  # (unit, the gain measured for the step it took), in order
     while cosine < target_cosine and len(moved) < max_steps:
-        candidates = [u for u in units if u.can_step and u.next_gain is not None
-                      and (max_linear_bytes is None or linear_bytes() + step_cost(u) - 0 <= max_linear_bytes
-                           or u.bytes_at(u.position + 1, dtype) <= u.bytes_at(u.position, dtype))]
+        candidates = [u for u in units if u.next_position is not None
+                      and (max_linear_bytes is None or step_cost(u) <= 0
+                           or linear_bytes() + step_cost(u) <= max_linear_bytes)]
         if not candidates:
             break
-        best = max(candidates, key=lambda u: (u.next_gain / step_cost(u), u.next_gain))
-        gain = best.next_gain
-        best.position += 1
+        best = max(candidates, key=lambda u: _priority(u.next_gain, step_cost(u)))
+        gain, came_from = best.next_gain, best.rung
+        best.position, best.next_position = best.next_position, None
         bank.set(best)
         cosine = evaluate(f"step {len(moved) + 1}")
         moved.append((best, gain))
-        steps.append({"step": len(moved), "action": "down", "unit": best.name, "to": str(best.precision),
-                      "from": str(best.rungs[best.position - 1]), "measured_gain": gain, "cosine": cosine,
+        steps.append({"step": len(moved), "action": "down", "unit": best.name, "to": best.rung.label,
+                      "from": came_from.label, "measured_gain": gain, "cosine": cosine,
                       "linear_bytes": linear_bytes()})
-        console.info(f"step {len(moved)}: {best.name} -> {best.precision}: cosine {cosine:.6f}, "
+        console.info(f"step {len(moved)}: {best.name} -> {best.rung}: cosine {cosine:.6f}, "
                      f"{linear_bytes()} bytes")
         if cosine < target_cosine:
-            measure_next(best, cosine)
+            measure(best, cosine)
     best_cosine = max(s["cosine"] for s in steps if "cosine" in s)
 
     if cosine >= target_cosine and moved:
@@ -300,9 +429,9 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
                 c = evaluate(f"undo {unit.name}")
                 if c >= target_cosine:
                     cosine = c
-                    steps.append({"action": "undo", "unit": unit.name, "to": str(unit.precision), "cosine": c,
+                    steps.append({"action": "undo", "unit": unit.name, "to": unit.rung.label, "cosine": c,
                                   "linear_bytes": linear_bytes()})
-                    console.info(f"{unit.name} back to {unit.precision}: cosine {c:.6f} still reaches the target")
+                    console.info(f"{unit.name} back to {unit.rung}: cosine {c:.6f} still reaches the target")
                 else:
                     unit.position += 1
                     bank.set(unit)

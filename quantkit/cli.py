@@ -511,8 +511,9 @@ def cmd_autotune(args: argparse.Namespace) -> int:
 
 
 def _register_autotune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("autotune", help="move layers down the precision ladder (nvfp4 -> fp8 -> 16-bit -> skip), "
-                                        "best measured cosine gain per byte first, until a target cosine")
+    p = sub.add_parser("autotune", help="move layers down the precision ladder (nvfp4 -> nvfp4-w4a8 -> fp8 -> 16-bit -> "
+                                        "skip), zero-byte steps with a gain first, then the best measured cosine "
+                                        "gain per byte, until a target cosine")
     _add_model_args(p)
     p.add_argument("--target", type=float, required=True, help="held-out cosine to reach, e.g. 0.99")
     p.add_argument("--max-linear-bytes", type=int, default=None,

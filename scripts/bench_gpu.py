@@ -4,6 +4,7 @@
     python scripts/bench_gpu.py                      # full run (H100: about 8 minutes), JSON + tables
     python scripts/bench_gpu.py --smoke              # tiny models, same code paths, a minute or two
     python scripts/bench_gpu.py --json PATH --budget-s 540 --skip decoder-onnx
+    python scripts/bench_gpu.py --only runtime --budget-s 240   # FP8 runtime vs BF16 (and torchao) alone
 
 Models, random weights in BF16 (nothing is downloaded):
   decoder  Llama architecture at Gemma-2B dimensions: 18 layers, d 2048, FFN 16384, 8 heads x 256, one KV
@@ -19,7 +20,14 @@ weight bytes before/after, peak GPU memory per stage. For the decoder: the FP8 l
 (quantkit.runtime.torch_fp8: torch._scaled_mm) against BF16, both eager and both torch.compile'd the
 same way, at 1x2048 and 8x2048 tokens (median of CUDA-event timings after warm-up, interleaved), with
 the cosine of the outputs; plus the FP8/BF16 GEMM ratio at the model's own shapes and a kernel-time
-breakdown, which say what keeps the model from the GEMM-only speed-up.
+breakdown, which say what keeps the model from the GEMM-only speed-up. Where torchao imports (and
+without --no-torchao), torchao's float8 inference runs in the same eager and compiled loops (not the
+CUDA-graph one), compiled the same way: quantize_ with Float8DynamicActivationFloat8WeightConfig at
+PerRow and at PerTensor granularity (dynamic activation scales, every linear but lm_head, as quantkit
+converts them), each row with its speed against BF16, against quantkit's unfused FP8
+(vs_quantkit_fp8 > 1: torchao faster), its cosine and finiteness. Without torchao the stage records
+"torchao": "not installed"; a torchao variant whose quantize_, compile or run fails is recorded with
+its error under torchao_variants and left out, the rest run on.
 
 Stages run in priority order within --budget-s; a stage that would not fit is recorded as skipped.
 ModelOpt's CUDA extensions are not JIT-built by default (--modelopt-ext skip: about 60 s each on a
@@ -462,10 +470,120 @@ def kernel_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
     return out
 
 
-def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -> dict[str, Any]:
+TORCHAO_GRANULARITIES = ("PerRow", "PerTensor")
+
+
+class VariantFailed(Exception):
+    """A third-party (torchao) variant raised: which one, and what it raised."""
+
+    def __init__(self, name: str, error: BaseException):
+        super().__init__(f"{name}: {type(error).__name__}: {error}")
+        self.name, self.error = name, error
+
+
+def guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn, its exceptions tagged with the variant's name (so the stage can drop just that variant)."""
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise VariantFailed(name, e) from e
+    return call
+
+
+def error_text(error: BaseException, limit: int = 400) -> str:
+    return f"{type(error).__name__}: {str(error)[:limit]}"
+
+
+def torchao_float8(copy_model: Callable[[], Any],
+                   granularities=TORCHAO_GRANULARITIES) -> tuple[dict[str, Any], dict[str, Any]]:
+    """torchao's float8 inference (dynamic activation and weight scales, torch._scaled_mm) on copies of
+    the BF16 decoder, one per granularity: ({"torchao PerRow": model, ...}, what to record).
+
+    Every nn.Linear but lm_head is converted, as quantkit's FP8 runtime converts them. torchao is
+    imported here, not at the top: without it the stage records "not installed" and goes on; a
+    granularity whose quantize_ raises is recorded with its error and left out."""
+    try:
+        import torchao
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "torchao":
+            return {}, {"torchao": "not installed"}
+        # installed but broken: built for another torch, or a module it needs is missing
+        return {}, {"torchao": f"import failed: {error_text(e)}"}
+    import importlib.util
+
+    kinds = {"PerRow": PerRow, "PerTensor": PerTensor}
+    info: dict[str, Any] = {"torchao": getattr(torchao, "__version__", "unknown"),
+                            # with mslk installed, torchao's AUTO kernel choice runs PerRow on its CUTLASS GEMM
+                            "torchao_mslk": importlib.util.find_spec("mslk") is not None,
+                            "torchao_variants": {}}
+    models: dict[str, Any] = {}
+    for g in granularities:
+        name = f"torchao {g}"
+        # set_inductor_config=False: left on, torchao switches inductor's coordinate-descent tuning on
+        # for the whole process, and the other variants would no longer be compiled the same way.
+        row: dict[str, Any] = {"config": f"Float8DynamicActivationFloat8WeightConfig(granularity={g}(), "
+                                         f"set_inductor_config=False)", "linears": "all but lm_head"}
+        info["torchao_variants"][name] = row
+        model = None
+        try:
+            model = copy_model()
+            t0 = time.perf_counter()
+            config = Float8DynamicActivationFloat8WeightConfig(granularity=kinds[g](), set_inductor_config=False)
+            with torch.no_grad():
+                quantize_(model, config,
+                          filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.split(".")[-1] != "lm_head")
+            sync()
+            row["quantize_s"] = round(time.perf_counter() - t0, 2)
+            row["float8_linears"] = sum(1 for m in model.modules()
+                                        if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata"))
+            row["weight_bytes"] = subclass_weight_bytes(model)
+            models[name] = model
+        except Exception as e:
+            row["error"] = f"quantize_: {error_text(e)}"
+            del model
+            cleanup()
+    return models, info
+
+
+def subclass_weight_bytes(model) -> int:
+    """Parameter bytes, a quantized tensor subclass counted by its data and scales (qdata, scale)."""
+    total = 0
+    for p in model.parameters():
+        parts = [getattr(p, "qdata", None), getattr(p, "scale", None)] if hasattr(p, "qdata") else [p]
+        total += sum(t.numel() * t.element_size() for t in parts if t is not None)
+    return total
+
+
+def pair_row(mode: str, shape, t: dict[str, Any], bf16: str, fp8: str, outputs: dict[str, torch.Tensor] | None = None,
+             versus: str | None = None, reference: str = "bf16") -> dict[str, Any]:
+    """One row of the runtime table: variant `fp8` against `bf16`, from time_interleaved's timings `t`;
+    with `outputs`, fp8's cosine against outputs[reference] (the plain BF16 model's, for every row)
+    and whether it is finite; with `versus`, the speed of `fp8` against that quantkit variant
+    (vs_quantkit_<versus> > 1: `fp8` is the faster)."""
+    b, f = t[bf16], t[fp8]
+    row: dict[str, Any] = {"mode": mode, "shape": list(shape), "tokens": shape[0] * shape[1],
+                           "bf16_ms": b["median_ms"], "fp8_ms": f["median_ms"],
+                           "bf16_p10_p90": [b["p10_ms"], b["p90_ms"]], "fp8_p10_p90": [f["p10_ms"], f["p90_ms"]],
+                           "runs": f["runs"], "speedup": round(b["median_ms"] / f["median_ms"], 3)}
+    if fp8.startswith("torchao"):
+        row["fp8_runtime"] = fp8
+    if versus is not None:
+        row["vs_quantkit_" + versus.replace(" ", "_")] = round(t[versus]["median_ms"] / f["median_ms"], 3)
+    if outputs is not None:
+        row["cosine_vs_bf16"] = round(cosine(outputs[fp8], outputs[reference]), 6)
+        row["finite"] = bool(torch.isfinite(outputs[fp8]).all())
+    return row
+
+
+def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, torchao: bool = True) -> dict[str, Any]:
     """FP8 (torch._scaled_mm) against BF16 on the decoder, side by side in one interleaved loop: the
     layers as the model defines them, and q/k/v and gate/up each joined into one GEMM (the same
-    fusion on both sides, quantkit.runtime.fusion), all compiled the same way."""
+    fusion on both sides, quantkit.runtime.fusion), all compiled the same way. With `torchao` and
+    torchao importable, torchao's float8 (PerRow and PerTensor, see torchao_float8) runs in the same
+    eager and compiled loops, compiled the same way; a torchao variant that fails is recorded with its
+    error and dropped, the rest go on."""
     import copy
     import dataclasses
 
@@ -474,8 +592,9 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
     from quantkit import ptq
     from quantkit.runtime.fusion import fuse_bf16_linears
 
-    # Six models share one decoder-layer code object, each compiled for two shapes: past dynamo's
-    # default limit of 8 the rest would silently run eager. Raise it, and fail loudly if it is hit.
+    # Six models (eight with torchao's) share one decoder-layer code object, each compiled for two
+    # shapes: past dynamo's default limit of 8 the rest would silently run eager. Raise it, and fail
+    # loudly if it is hit.
     for name, value in (("recompile_limit", 64), ("fail_on_recompile_limit_hit", True)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
@@ -517,6 +636,12 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
 
     fused_runner, graph_runner = fused_fp8_runner(), fused_fp8_runner()
     base_fused, base_graph = fused_bf16(), fused_bf16()
+    # torchao's copies are made from the BF16 model before it is compiled
+    if torchao:
+        tao, tao_info = torchao_float8(lambda: copy.deepcopy(base.model))
+    else:
+        tao, tao_info = {}, {"torchao": "off (--no-torchao)"}
+    out.update(tao_info)
     runner = TorchFP8Runner(quant, compile=False, fuse=False, device=device, dtype=torch.bfloat16)
     out["fp8_linears"] = runner.converted
     out["not_converted"] = [f"{n}: {r}" for n, r in runner.skipped]
@@ -534,22 +659,53 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
     variants = {"bf16": call(base.model), "fp8": call(runner.model),
                 "bf16 fused": call(base_fused), "fp8 fused": call(fused_runner.model),
                 "bf16 fused graphs": call(base_graph, True), "fp8 fused graphs": call(graph_runner.model, True)}
+    # torchao's variants join the compiled loop (not the CUDA-graph one: each graph pool holds its own
+    # activation memory) and the eager one; they run the layers as the model defines them, so their
+    # rows compare against the unfused quantkit FP8 ("vs_quantkit_fp8").
+    variants.update({name: guarded(name, call(model)) for name, model in tao.items()})
     pairs = (("compiled", "bf16", "fp8"), ("compiled, fused q/k/v + gate/up", "bf16 fused", "fp8 fused"),
              ("compiled + CUDA graphs, fused", "bf16 fused graphs", "fp8 fused graphs"))
 
+    def drop(name: str, when: str, error: BaseException) -> None:
+        """A torchao variant that raised: its error recorded, the variant left out of what follows."""
+        out["torchao_variants"][name]["error"] = f"{when}: {error_text(error)}"
+        variants.pop(name, None)
+        tao.pop(name, None)
+        cleanup()
+
+    def attempt(when: str, fn: Callable[[], Any]) -> Any:
+        """fn(), done again without any torchao variant that raised in it: a failing third-party
+        variant must not cost the quantkit rows. fn reads `variants` afresh on each try."""
+        while True:
+            try:
+                return fn()
+            except VariantFailed as e:
+                drop(e.name, when, e.error)
+
+    def for_each(when: str, fn: Callable[[str], Any], names=None) -> dict[str, Any]:
+        """{name: fn(name)} over the variants (or `names`), a torchao one that raises dropped (see drop)."""
+        got: dict[str, Any] = {}
+        for name in list(variants if names is None else names):
+            while name in variants:
+                try:
+                    got[name] = fn(name)
+                    break
+                except VariantFailed as e:
+                    drop(e.name, when, e.error)
+        return got
+
+    def first_call_s(name: str, x) -> float:
+        t0 = time.perf_counter()
+        variants[name](x)
+        sync()
+        return round(time.perf_counter() - t0, 1)
+
     def rows_for(mode_suffix: str, shape, t, outputs) -> list[dict[str, Any]]:
-        rows = []
-        reference = outputs["bf16"]
-        for mode, b, f in pairs:
-            rows.append({"mode": mode + mode_suffix, "shape": list(shape), "tokens": shape[0] * shape[1],
-                         "bf16_ms": t[b]["median_ms"], "fp8_ms": t[f]["median_ms"],
-                         "bf16_p10_p90": [t[b]["p10_ms"], t[b]["p90_ms"]],
-                         "fp8_p10_p90": [t[f]["p10_ms"], t[f]["p90_ms"]], "runs": t[f]["runs"],
-                         "speedup": round(t[b]["median_ms"] / t[f]["median_ms"], 3),
-                         "cosine_vs_bf16": round(cosine(outputs[f], reference), 6),
-                         "finite": bool(torch.isfinite(outputs[f]).all())})
+        rows = [pair_row(mode + mode_suffix, shape, t, b, f, outputs) for mode, b, f in pairs]
         rows[1]["fused_over_separate"] = {"bf16": round(t["bf16"]["median_ms"] / t["bf16 fused"]["median_ms"], 3),
                                          "fp8": round(t["fp8"]["median_ms"] / t["fp8 fused"]["median_ms"], 3)}
+        rows += [pair_row(f"compiled, {name}{mode_suffix}", shape, t, "bf16", name, outputs, versus="fp8")
+                 for name in tao if name in t]
         return rows
 
     results: list[dict[str, Any]] = []
@@ -557,11 +713,13 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
         # eager, the layers as the model defines them
         for shape in s["shapes"]:
             x = inputs[shape]
-            t = time_interleaved({"bf16": lambda: variants["bf16"](x), "fp8": lambda: variants["fp8"](x)},
-                                 iters=max(3, s["iters"] // 2), rounds=1)
-            results.append({"mode": "eager", "shape": list(shape), "tokens": shape[0] * shape[1],
-                            "bf16_ms": t["bf16"]["median_ms"], "fp8_ms": t["fp8"]["median_ms"],
-                            "speedup": round(t["bf16"]["median_ms"] / t["fp8"]["median_ms"], 3)})
+            shape_s = "x".join(map(str, shape))
+            for_each(f"eager {shape_s}", lambda name: first_call_s(name, x), names=list(tao))
+            t = attempt(f"eager {shape_s}", lambda: time_interleaved(
+                {name: (lambda fn=variants[name]: fn(x)) for name in ("bf16", "fp8", *tao)},
+                iters=max(3, s["iters"] // 2), rounds=1))
+            results.append(pair_row("eager", shape, t, "bf16", "fp8"))
+            results += [pair_row(f"eager, {name}", shape, t, "bf16", name, versus="fp8") for name in tao if name in t]
         fp8_first = variants["fp8"](inputs[first]).float()
         out["fp8_eager_vs_fake_quant_cosine"] = round(cosine(fp8_first, fake_quant_first), 6)
         out["fused_vs_separate_fp8_eager_cosine"] = round(cosine(variants["fp8 fused"](inputs[first]).float(), fp8_first), 6)
@@ -573,35 +731,39 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
         runner.compile()
         fused_runner.compile()
         graph_runner.compile(mode="reduce-overhead")
+        for model in tao.values():
+            compile_model(model)
         for shape in s["shapes"]:
             if budget.left() < 60:
                 results.append({"mode": "compiled", "shape": list(shape), "skipped": "budget"})
                 continue
             x = inputs[shape]
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn(x)
-                sync()
-                out.setdefault("compile_s", {})[f"{name} {shape[0]}x{shape[1]}"] = round(time.perf_counter() - t0, 1)
-            t = time_interleaved({name: (lambda fn=fn: fn(x)) for name, fn in variants.items()},
-                                 iters=s["iters"], rounds=s["rounds"])
-            outputs = {name: fn(x).clone() for name, fn in variants.items()}
+            shape_s = "x".join(map(str, shape))
+            compile_s = for_each(f"compile {shape_s}", lambda name: first_call_s(name, x))
+            out.setdefault("compile_s", {}).update({f"{name} {shape_s}": v for name, v in compile_s.items()})
+            t = attempt(f"compiled {shape_s}", lambda: time_interleaved(
+                {name: (lambda fn=fn: fn(x)) for name, fn in variants.items()}, iters=s["iters"], rounds=s["rounds"]))
+            outputs = for_each(f"compiled {shape_s}", lambda name: variants[name](x).clone())
             results.extend(rows_for("", shape, t, outputs))
             del outputs
         # prefill as generate() runs it: logits of the last position only
         last = s["shapes"][-1]
         if budget.left() > 45:
             x = inputs[last]
-            t = time_interleaved({name: (lambda fn=fn: fn(x, logits_to_keep=1)) for name, fn in variants.items()},
-                                 iters=s["iters"], rounds=s["rounds"])
-            outputs = {name: fn(x, logits_to_keep=1).clone() for name, fn in variants.items()}
+            when = "compiled last-token " + "x".join(map(str, last))
+            t = attempt(when, lambda: time_interleaved(
+                {name: (lambda fn=fn: fn(x, logits_to_keep=1)) for name, fn in variants.items()},
+                iters=s["iters"], rounds=s["rounds"]))
+            outputs = for_each(when, lambda name: variants[name](x, logits_to_keep=1).clone())
             results.extend(rows_for(", last-token logits", last, t, outputs))
             del outputs
         for shape in s["shapes"]:
             if torch.cuda.is_available() and budget.left() > 40:
                 x = inputs[shape]
-                out["kernel_ms_" + "x".join(map(str, shape))] = {
-                    name: kernel_breakdown(lambda fn=fn: fn(x)) for name, fn in variants.items() if "graphs" not in name}
+                shape_s = "x".join(map(str, shape))
+                out["kernel_ms_" + shape_s] = for_each(
+                    f"profile {shape_s}", lambda name: kernel_breakdown(lambda: variants[name](x)),
+                    names=[n for n in variants if "graphs" not in n])
     out["results"] = results
     if budget.left() > 30:
         # The floor: how far BF16 itself is from FP32 on this model and input (FP8 cannot beat it).
@@ -612,7 +774,8 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget) -
             fp32_logits = ref.model(**inputs[first]).logits.float()
         out["bf16_vs_fp32_cosine"] = round(cosine(bf16_logits, fp32_logits), 6)
         del ref, bf16_logits, fp32_logits
-    del runner, fused_runner, graph_runner, base, base_fused, base_graph, quant, inputs, variants
+    tao.clear()
+    del runner, fused_runner, graph_runner, base, base_fused, base_graph, quant, inputs, variants, tao
     cleanup()
     return out
 
@@ -753,7 +916,7 @@ def environment(args) -> dict[str, Any]:
                            "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                            "python": platform.python_version(), "smoke": args.smoke,
                            "modelopt_cuda_extensions": args.modelopt_ext}
-    for dist in ("torch", "nvidia-modelopt", "transformers", "onnx", "onnxruntime", "triton"):
+    for dist in ("torch", "nvidia-modelopt", "transformers", "onnx", "onnxruntime", "triton", "torchao"):
         try:
             env[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -777,6 +940,19 @@ def onnx_cell(info: dict[str, Any] | None) -> str:
     if "export_s" in info:
         return str(info["export_s"])
     return (info.get("error") or info.get("skipped") or "-")[:40]
+
+
+def torchao_summary(rt: dict[str, Any]) -> str:
+    """One line on the runtime stage's torchao variants: the version (or why none ran), each variant's
+    float8 linears and quantize_ seconds, or its error."""
+    parts = [str(rt.get("torchao", "-"))]
+    for name, v in rt.get("torchao_variants", {}).items():
+        if "error" in v:
+            parts.append(f"{name} failed ({v['error'][:160]})")
+        else:
+            parts.append(f"{name}: {v.get('float8_linears')} float8 linears, {mib(v.get('weight_bytes'))} MiB, "
+                         f"quantize_ {v.get('quantize_s')} s")
+    return "; ".join(parts)
 
 
 def print_tables(report: dict[str, Any]) -> None:
@@ -816,18 +992,20 @@ def print_tables(report: dict[str, Any]) -> None:
         con.print(t)
     rt = report.get("runtime")
     if rt and "results" in rt:
-        t = Table(title=f"decoder {rt['params'] / 1e9:.2f}B: FP8 (torch._scaled_mm) vs BF16, same inputs, "
-                        f"median of CUDA-event timings")
-        for c in ("mode", "batch x seq", "BF16 ms", "FP8 ms", "FP8 speed-up", "cosine vs BF16", "finite"):
+        t = Table(title=f"decoder {rt['params'] / 1e9:.2f}B: FP8 (quantkit torch._scaled_mm; torchao rows: torchao "
+                        f"float8) vs BF16, same inputs, median of CUDA-event timings")
+        for c in ("mode", "batch x seq", "BF16 ms", "FP8 ms", "FP8 speed-up", "vs quantkit FP8", "cosine vs BF16",
+                  "finite"):
             t.add_column(c, justify="right" if c != "mode" else "left")
         for r in rt["results"]:
             if "skipped" in r:
-                t.add_row(r["mode"], "x".join(map(str, r["shape"])), "-", "-", "-", "-", r["skipped"])
+                t.add_row(r["mode"], "x".join(map(str, r["shape"])), "-", "-", "-", "-", "-", r["skipped"])
                 continue
             t.add_row(r["mode"], "x".join(map(str, r["shape"])), f"{r['bf16_ms']:.2f}", f"{r['fp8_ms']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['cosine_vs_bf16']:.5f}" if "cosine_vs_bf16" in r else "-",
-                      str(r.get("finite", "-")))
+                      f"{r['speedup']:.2f}x", f"{r['vs_quantkit_fp8']:.2f}x" if "vs_quantkit_fp8" in r else "-",
+                      f"{r['cosine_vs_bf16']:.5f}" if "cosine_vs_bf16" in r else "-", str(r.get("finite", "-")))
         con.print(t)
+        con.print(f"torchao: {torchao_summary(rt)}")
         extra = {k: v for k, v in rt.items() if k.startswith("kernel_ms")}
         for k, v in extra.items():
             con.print(f"{k}: {json.dumps({name: {c: ms for c, ms in kinds.items() if c != 'top'} for name, kinds in v.items()})}")
@@ -876,6 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, choices=STAGES,
                    help="run just these stages (e.g. --only calibration sensitivity: a few minutes)")
     p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--no-torchao", action="store_true",
+                   help="leave torchao's float8 variants out of the runtime stage (default: run them if torchao imports)")
     args = p.parse_args(argv)
 
     from quantkit import console
@@ -942,7 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
     report["sensitivity"] = run("sensitivity", 60, lambda: sensitivity_stage(
         s, device, dec_calib, min(300.0, budget.left() - 30)))
     if fp8_gpu or (args.smoke and not cuda):  # on a CPU only as a check of the code path
-        report["runtime"] = run("runtime", 150, lambda: runtime_stage(s, device, dec_calib, budget))
+        report["runtime"] = run("runtime", 150, lambda: runtime_stage(s, device, dec_calib, budget,
+                                                                      torchao=not args.no_torchao))
     if fp8_gpu:
         report["gemm"] = run("gemm", 15, lambda: gemm_bench(s["decoder"], s["gemm_tokens"], s["iters"]))
     for recipe in RECIPES:

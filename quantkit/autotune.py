@@ -30,7 +30,7 @@ from torch import nn
 from quantkit import console
 from quantkit.models import LoadedModel
 from quantkit.plan import DTYPE_BYTES, LayerPlan, Plan
-from quantkit.recipe import FORMATS, Precision, Recipe, Rule
+from quantkit.recipe import FORMATS, WEIGHT_ALGORITHMS, Precision, Recipe, Rule
 
 RESULT_FILE = "autotune.json"
 RECIPE_FILE = "autotuned-recipe.yaml"
@@ -74,15 +74,13 @@ class Rung:
 
     @property
     def label(self) -> str:
-        """"nvfp4", "nvfp4-w4a8", "fp8", "fp16", "skip", ...: what autotune.json and the console name it."""
+        """"nvfp4", "nvfp4-gptq", "nvfp4-w4a8-gptq", "fp8", "fp16", "skip", ...: what autotune.json and the
+        console name it (the weight algorithm, when the rung has one, last)."""
         if not self.quantized:
             return str(self.precision)
         w, a = self.weight_precision, self.activations
-        if a == w:
-            return str(w)
-        if a is None:
-            return f"{w}-weight-only"
-        return f"{w}-w{FORMATS[w].bits}a{FORMATS[a].bits}"
+        name = str(w) if a == w else f"{w}-weight-only" if a is None else f"{w}-w{FORMATS[w].bits}a{FORMATS[a].bits}"
+        return f"{name}-{self.algorithm}" if self.algorithm else name
 
     def __str__(self) -> str:
         return self.label
@@ -110,20 +108,35 @@ class Rung:
                                     **({"note": note} if note else {})})
 
 
-def ladder(start: Rung | Precision, model_dtype: str) -> list[Rung]:
+# The NVFP4 weight algorithm autotune tries where the recipe's rule names none: the best of the
+# algorithms measured on MiniLM's MLPs (BENCHMARKS.md, H200: gptq 0.9753 against 0.9614 without one);
+# it costs one GPTQ pass per rung that uses it (about 40 s for MiniLM on two CPU cores).
+DEFAULT_NVFP4_ALGORITHM = "gptq"
+
+
+def ladder(start: Rung | Precision, model_dtype: str, nvfp4_algorithm: str | None = DEFAULT_NVFP4_ALGORITHM
+           ) -> list[Rung]:
     """A unit's rungs from `start` (where the recipe puts it) down, nearest first, ending at skip.
 
-    By weight format: NVFP4 -> [W4A8 when the activations are NVFP4] -> fp8 -> 16-bit -> skip; fp8 or
-    int8 -> 16-bit -> skip. The W4A8 rung keeps the rule's weight algorithm and calibrator.
+    By weight format: NVFP4 -> [NVFP4 with `nvfp4_algorithm`, when the rule names no weight algorithm]
+    -> [W4A8, when the activations are NVFP4] -> fp8 -> 16-bit -> skip; fp8 or int8 -> 16-bit -> skip.
+    The NVFP4 rungs cost no weight bytes; the W4A8 rung keeps the weight algorithm (the rule's, else
+    `nvfp4_algorithm`) and the calibrator.
     """
     start = start if isinstance(start, Rung) else Rung.plain(start)
     sixteen = {"bf16": Precision.BF16, "fp16": Precision.FP16}.get(model_dtype, Precision.FP16)
     below = {Precision.NVFP4: [Precision.FP8, sixteen], Precision.FP8: [sixteen],
              Precision.INT8: [sixteen]}.get(start.weight_precision, []) if start.quantized else []
     rungs = [start]
-    if start.weight_precision == Precision.NVFP4 and start.activations == Precision.NVFP4:
-        # W4A4 -> W4A8: the NVFP4 weights stay (zero weight bytes), the activations go to FP8.
-        rungs.append(Rung(start.precision, Precision.NVFP4, Precision.FP8, start.algorithm, start.calibrator))
+    if start.quantized and start.weight_precision == Precision.NVFP4:
+        last = start
+        if nvfp4_algorithm and not start.algorithm:
+            # Same formats, better NVFP4 weights: the weight algorithm alone changes.
+            last = dataclasses.replace(start, algorithm=nvfp4_algorithm)
+            rungs.append(last)
+        if start.activations == Precision.NVFP4:
+            # W4A4 -> W4A8: the NVFP4 weights stay (zero weight bytes), the activations go to FP8.
+            rungs.append(dataclasses.replace(last, activations=Precision.FP8))
     # A 16-bit rung equal to the model's own dtype is the same as skip.
     rungs += [Rung.plain(p) for p in below if FORMATS[p].quantized or model_dtype == "fp32"]
     return rungs + [Rung.plain(Precision.SKIP)]
@@ -292,8 +305,11 @@ def _priority(gain: float, cost: int) -> tuple[int, float, float]:
 
 def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration, *, target_cosine: float,
              max_linear_bytes: int | None = None, dtype: str = "fp32", device: str | torch.device = "cpu",
-             batch_size: int | None = None, max_steps: int = 256, verify: bool = True) -> AutotuneResult:
-    """Find the cheapest steps down the precision ladder that reach `target_cosine` (see the module docstring)."""
+             batch_size: int | None = None, max_steps: int = 256, verify: bool = True,
+             nvfp4_algorithm: str | None = DEFAULT_NVFP4_ALGORITHM) -> AutotuneResult:
+    """Find the cheapest steps down the precision ladder that reach `target_cosine` (see the module docstring).
+
+    `nvfp4_algorithm`: the weight algorithm of the extra NVFP4 rung (see `ladder`); None: no such rung."""
     from quantkit import ptq
     from quantkit.layer_dtype import set_layer_dtype
 
@@ -319,7 +335,7 @@ def autotune(make_loaded: Callable[[], LoadedModel], recipe: Recipe, calibration
     base_modules = dict(base.model.named_modules())
     units: list[Unit] = []
     for row in plan.quantized_layers():
-        rungs = ladder(Rung.of_row(row), dtype)
+        rungs = ladder(Rung.of_row(row), dtype, nvfp4_algorithm)
         units.append(Unit(row.name, row.params, rungs))
         bank.add(row.name, rungs[0], base_modules[row.name])
         for r in rungs[1:]:
@@ -546,8 +562,8 @@ def write_outputs(result: AutotuneResult, out: Path) -> None:
 
 def run(recipe_spec: str, model_spec: str | None, *, target_cosine: float, max_linear_bytes: int | None = None,
         dtype: str | None = None, device: str | None = None, calib: str | None = None,
-        max_samples: int | None = None, batch_size: int | None = None, out: str | Path | None = None
-        ) -> tuple[AutotuneResult, Path]:
+        max_samples: int | None = None, batch_size: int | None = None, out: str | Path | None = None,
+        nvfp4_algorithm: str | None = DEFAULT_NVFP4_ALGORITHM) -> tuple[AutotuneResult, Path]:
     """`quantkit autotune`: load, autotune, write `out` (autotune.json, the recipe, report.html)."""
     from quantkit import ptq
     from quantkit.errors import InputError
@@ -558,6 +574,8 @@ def run(recipe_spec: str, model_spec: str | None, *, target_cosine: float, max_l
         raise InputError(f"--target {target_cosine}: a cosine target lies in (-1, 1], e.g. 0.99")
     if max_linear_bytes is not None and max_linear_bytes <= 0:
         raise InputError(f"--max-linear-bytes {max_linear_bytes}: a byte budget is a positive number")
+    if nvfp4_algorithm is not None and nvfp4_algorithm not in WEIGHT_ALGORITHMS:
+        raise InputError(f"--nvfp4-algorithm {nvfp4_algorithm}: not one of {', '.join(WEIGHT_ALGORITHMS)} (or none)")
     recipe = load_recipe(recipe_spec)
     torch_device = ptq.resolve_device(device)
     loaded = load_model(model_spec)
@@ -570,6 +588,6 @@ def run(recipe_spec: str, model_spec: str | None, *, target_cosine: float, max_l
 
     result = autotune(make_loaded, recipe, calibration, target_cosine=target_cosine,
                       max_linear_bytes=max_linear_bytes, dtype=dtype or "fp32", device=torch_device,
-                      batch_size=batch_size)
+                      batch_size=batch_size, nvfp4_algorithm=nvfp4_algorithm)
     write_outputs(result, out_dir)
     return result, out_dir

@@ -491,7 +491,8 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     result, out = autotune.run(args.recipe, args.model, target_cosine=args.target,
                                max_linear_bytes=args.max_linear_bytes, dtype=args.dtype, device=args.device,
                                calib=args.calib, max_samples=args.max_samples, batch_size=args.batch_size,
-                               out=args.out)
+                               out=args.out,
+                               nvfp4_algorithm=None if args.nvfp4_algorithm == "none" else args.nvfp4_algorithm)
     console.show(console.rows_table(
         f"autotune of {result.recipe.name}: steps down the precision ladder", ("step", "action", "unit", "to",
                                                                                "cosine", "linear bytes"),
@@ -511,7 +512,8 @@ def cmd_autotune(args: argparse.Namespace) -> int:
 
 
 def _register_autotune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("autotune", help="move layers down the precision ladder (nvfp4 -> nvfp4-w4a8 -> fp8 -> 16-bit -> "
+    p = sub.add_parser("autotune", help="move layers down the precision ladder (nvfp4 -> nvfp4-gptq -> nvfp4-w4a8-gptq "
+                                        "-> fp8 -> 16-bit -> "
                                         "skip), zero-byte steps with a gain first, then the best measured cosine "
                                         "gain per byte, until a target cosine")
     _add_model_args(p)
@@ -523,6 +525,13 @@ def _register_autotune(sub: argparse._SubParsersAction) -> None:
                                                                  "held-out share of them evaluates)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
     p.add_argument("--device", default=None)
+    from quantkit.autotune import DEFAULT_NVFP4_ALGORITHM
+    from quantkit.recipe import WEIGHT_ALGORITHMS, Precision
+
+    p.add_argument("--nvfp4-algorithm", default=DEFAULT_NVFP4_ALGORITHM,
+                   choices=[a for a, fits in WEIGHT_ALGORITHMS.items() if Precision.NVFP4 in fits] + ["none"],
+                   help="the NVFP4 weight algorithm of the rung tried after an NVFP4 rule that names none "
+                        f"(default {DEFAULT_NVFP4_ALGORITHM}; none: no such rung)")
     p.add_argument("--out", default=None, help="folder for autotune.json, autotuned-recipe.yaml and report.html "
                                                "(default: runs/autotune-<recipe>-<model>)")
     _add_common(p)

@@ -28,12 +28,16 @@ def _loud_again():
     console.set_quiet(False)
 
 
-def _labels(start, model_dtype):
-    return [r.label for r in autotune.ladder(start, model_dtype)]
+def _labels(start, model_dtype, nvfp4_algorithm=None):
+    return [r.label for r in autotune.ladder(start, model_dtype, nvfp4_algorithm)]
 
 
 def test_ladders():
+    # by default an NVFP4 rule that names no weight algorithm gets a GPTQ rung, then W4A8 keeps GPTQ
+    assert [r.label for r in autotune.ladder(P.NVFP4, "fp32")] == [
+        "nvfp4", "nvfp4-gptq", "nvfp4-w4a8-gptq", "fp8", "fp16", "skip"]
     assert _labels(P.NVFP4, "fp32") == ["nvfp4", "nvfp4-w4a8", "fp8", "fp16", "skip"]
+    assert _labels(P.NVFP4, "bf16", "awq_lite") == ["nvfp4", "nvfp4-awq_lite", "nvfp4-w4a8-awq_lite", "fp8", "skip"]
     assert _labels(P.NVFP4, "bf16") == ["nvfp4", "nvfp4-w4a8", "fp8", "skip"]  # the model's own 16-bit dtype is skip
     assert _labels(P.INT8, "fp32") == ["int8", "fp16", "skip"]
     assert _labels(P.FP8, "fp16") == ["fp8", "skip"]
@@ -47,13 +51,14 @@ def test_the_nvfp4_ladder_starts_from_the_rule_and_its_w4a8_rung_keeps_the_weigh
         {"match": ["*.q_proj"], "types": ["Linear"], "precision": "nvfp4", "activations": "fp16"}]}
     plan = make_plan(tiny_model().model, recipe_from_dict(parent))
     up, down, q = (Rung.of_row(plan.layer(f"blocks.0.{n}")) for n in ("up", "down", "q_proj"))
-    rungs = autotune.ladder(up, "fp32")
-    assert [r.label for r in rungs] == ["nvfp4", "nvfp4-w4a8", "fp8", "fp16", "skip"]
+    rungs = autotune.ladder(up, "fp32")  # the rule names gptq: no other algorithm's rung is added
+    assert [r.label for r in rungs] == ["nvfp4-gptq", "nvfp4-w4a8-gptq", "fp8", "fp16", "skip"]
     assert rungs[1] == Rung(P.NVFP4, P.NVFP4, P.FP8, "gptq") and rungs[2] == Rung.plain(P.FP8)
     assert rungs[1].rule_fields() == {"precision": "nvfp4", "activations": "fp8", "algorithm": "gptq"}
     # The rule already has FP8 activations (or none quantized): no W4A8 rung.
-    assert _labels(down, "fp32") == ["nvfp4-w4a8", "fp8", "fp16", "skip"]
+    assert _labels(down, "fp32", "gptq") == ["nvfp4-w4a8-gptq", "fp8", "fp16", "skip"]
     assert _labels(q, "fp32") == ["nvfp4-weight-only", "fp8", "fp16", "skip"]
+    assert _labels(q, "fp32", "gptq") == ["nvfp4-weight-only", "nvfp4-weight-only-gptq", "fp8", "fp16", "skip"]
     assert [u.bytes_at(i, "fp32") for u in [autotune.Unit("x", 1600, rungs)] for i in range(5)] == [900, 900, 1600,
                                                                                                      3200, 6400]
     # The rule autotune writes for the W4A8 rung (as override() does) loads through `extends` and plans
@@ -77,7 +82,7 @@ def test_free_steps_with_a_gain_go_first_then_gain_per_byte_then_free_steps_with
 
 
 def test_a_free_rung_that_measures_no_gain_is_passed_over():
-    unit = autotune.Unit("x", 1600, autotune.ladder(P.NVFP4, "fp32"))  # nvfp4, w4a8, fp8, fp16, skip
+    unit = autotune.Unit("x", 1600, autotune.ladder(P.NVFP4, "fp32", None))  # nvfp4, w4a8, fp8, fp16, skip
     measured = []
 
     def gain_at(gains):
@@ -110,6 +115,7 @@ def _run(target, recipe=None, **kw):
     loaded = tiny_model()
     cs = calib.synthetic_set(loaded, n=16, seed=0)
     made = [loaded]
+    kw.setdefault("nvfp4_algorithm", None)  # the GPTQ rung is exercised through the CLI below
     return autotune.autotune(lambda: made.pop() if made else tiny_model(), recipe or recipe_from_dict(RECIPE), cs,
                              target_cosine=target, **kw)
 
@@ -197,5 +203,9 @@ def test_an_unreachable_target_exits_1_naming_the_best_cosine(tmp_path, capsys):
     best = max(s["cosine"] for s in saved["steps"] if "cosine" in s)
     assert f"target 0.99999 NOT reached: the best cosine found was {best:.6f}" in err
     assert saved["reached"] is False and all(s.get("linear_bytes", 0) <= start_bytes + 2000 for s in saved["steps"])
+    # the CLI's default ladder tries GPTQ weights on the NVFP4 rule (which names no algorithm), W4A8 with them
+    ladders = {u["unit"]: u["ladder"] for u in saved["units"]}
+    assert ladders["blocks.0.up"] == ["nvfp4", "nvfp4-gptq", "nvfp4-w4a8-gptq", "fp8", "fp16", "skip"]
+    assert saved["calibrations"] == 4  # the recipe, GPTQ, W4A8 + GPTQ, FP8
     assert main(["autotune", "--recipe", str(recipe), "--model", "tests/test_export.py:tiny_model",
                  "--calib", str(cs_dir), "--target", "1.5", "-q"]) == 2

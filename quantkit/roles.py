@@ -3,13 +3,15 @@
 `infer_roles(model, example)` finds attention q/k/v/o (or fused qkv), MLP gate/up/down, output
 heads, embeddings, modality projectors, timestep/conditioning layers and convs, and records how each
 was inferred. Structure first: attention sites (quantkit.attention), which linears read the very
-same tensor in one probe forward, call order, which layer's output is the model's output, weights
-tied to an embedding, which layers do not depend on the model's main input (conditioning), the
-classes of the parents; names only as a fallback. Recipes select layers by these roles (`roles:`).
+same tensor in one probe forward, call order, which linears read what an attention computed
+(quantkit.attention_flow: so a site that is a whole block keeps its MLP), which layer's output is
+the model's output, weights tied to an embedding, which layers do not depend on the model's main
+input (conditioning), the classes of the parents; names only as a fallback. Recipes select layers by these roles (`roles:`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import weakref
@@ -18,6 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from quantkit.attention_flow import AttentionFlow
 from quantkit.layers import iter_layers, layer_kind
 from quantkit.recipe import ROLE_GROUPS, ROLES
 
@@ -53,6 +56,7 @@ class _Call:
     input: Any  # weakref to the first tensor argument (identity: "reads the very same tensor")
     output: Any  # weakref to the output tensor
     fingerprint: tuple[float, float] | None = None
+    reads_attention: str | None = None  # the site whose attention computed its input (quantkit.attention_flow)
 
 
 @dataclasses.dataclass
@@ -93,6 +97,9 @@ class _Probe:
     blocks: dict[str, _Span]
     outputs: list[Any]  # weakrefs of the model's output tensors
     alive: list[Any]  # keeps the recorded tensors alive until the roles are read
+    # site -> linear-call counts at each attention output it computed; a site absent: none seen
+    # (an attention kernel quantkit.attention_flow does not know, or no flow tracked)
+    attention_at: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def _needs_grad_for_module_calls(model: nn.Module) -> bool:
@@ -112,19 +119,25 @@ def _run(model: nn.Module, example: Mapping[str, Any]) -> Any:
 
 
 def _probe(model: nn.Module, example: Mapping[str, Any], layers: dict[str, nn.Module], sites: list[str],
-           blocks: list[str]) -> _Probe:
+           blocks: list[str], flow: bool = False) -> _Probe:
+    """One forward with hooks. `flow`: also follow what each attention site computed (AttentionFlow)."""
     calls: dict[str, _Call] = {}
     spans: dict[str, dict[str, _Span]] = {"sites": {}, "blocks": {}}
     counter = [0]
     alive: list[Any] = []
     handles = []
+    running: list[str] = []  # the attention sites whose forward is running, innermost last
+    tracker = AttentionFlow(lambda: running[-1] if running else None, lambda: counter[0]) if flow and sites else None
+    untracked = tracker.paused if tracker is not None else contextlib.nullcontext
 
     def pre(name: str):
         def hook(module, args, kwargs):
             x = next(iter(_tensors(args) or _tensors(kwargs)), None)
             counter[0] += 1
             if name not in calls:
-                calls[name] = _Call(name, counter[0], _ref(x), _ref(None), _fingerprint(x))
+                with untracked():
+                    calls[name] = _Call(name, counter[0], _ref(x), _ref(None), _fingerprint(x),
+                                        tracker.attention_output_of(x) if tracker is not None else None)
                 alive.append(x)
         return hook
 
@@ -139,6 +152,8 @@ def _probe(model: nn.Module, example: Mapping[str, Any], layers: dict[str, nn.Mo
 
     def span_pre(kind: str, name: str):
         def hook(module, args, kwargs):
+            if kind == "sites":
+                running.append(name)
             if name not in spans[kind]:
                 ins = _tensors(args) + _tensors(kwargs)
                 alive.extend(ins)
@@ -147,6 +162,8 @@ def _probe(model: nn.Module, example: Mapping[str, Any], layers: dict[str, nn.Mo
 
     def span_post(kind: str, name: str):
         def hook(module, args, kwargs, output):
+            if kind == "sites" and running and running[-1] == name:
+                running.pop()
             span = spans[kind].get(name)
             if span is not None and span.end < 0:
                 span.end = counter[0]
@@ -165,13 +182,15 @@ def _probe(model: nn.Module, example: Mapping[str, Any], layers: dict[str, nn.Mo
             handles += [m.register_forward_pre_hook(span_pre(kind, name), with_kwargs=True),
                         m.register_forward_hook(span_post(kind, name), with_kwargs=True)]
     try:
-        result = _run(model, example)
+        with tracker if tracker is not None else contextlib.nullcontext():
+            result = _run(model, example)
     finally:
         for h in handles:
             h.remove()
     outs = _tensors(result)
     alive.extend(outs)
-    return _Probe(calls, spans["sites"], spans["blocks"], [_ref(t) for t in outs], alive)
+    return _Probe(calls, spans["sites"], spans["blocks"], [_ref(t) for t in outs], alive,
+                  dict(tracker.computed_at) if tracker is not None else {})
 
 
 def _main_float_input(example: Mapping[str, Any]) -> str | None:
@@ -296,9 +315,17 @@ def _attention_roles(site: str, site_module: nn.Module, inside: list[str], probe
         return
     span = probe.sites.get(site)
     site_inputs = {id(t) for t in (r() for r in (span.inputs if span else [])) if t is not None}
+    # When the probe saw the attention compute (quantkit.attention_flow), its projections are the linears
+    # called before that, and its output projection the ones reading what it computed; linears called
+    # after it that read anything else (a whole-block site's MLP, fed by the residual stream) are left to
+    # the rules below. Without that, every linear of the site that is no input projection is taken for
+    # its output projection.
+    at = probe.attention_at.get(site)
+    before = [n for n in called if not at or probe.calls[n].order <= at[0]]
+    after = [n for n in called if at and probe.calls[n].order > at[0]]
     # runs of consecutive calls that read the very same tensor
     groups: list[list[str]] = []
-    for n in called:
+    for n in before:
         x = probe.calls[n].input()
         if groups and x is not None and probe.calls[groups[-1][-1]].input() is x:
             groups[-1].append(n)
@@ -326,9 +353,19 @@ def _attention_roles(site: str, site_module: nn.Module, inside: list[str], probe
             role = _role_from_name(n)
             if role and role.startswith("attention_"):
                 roles[n] = LayerRole(role, f"{where}: input projection; which one by its name")
-    for n in outs:
-        roles[n] = LayerRole("attention_out", f"{where}: reads what the attention computed (called after the "
-                                              "q/k/v projections)")
+    if not at:
+        for n in outs:
+            roles[n] = LayerRole("attention_out", f"{where}: no q/k/v projection (the probe did not see the "
+                                                  "attention compute: every other linear of the site is taken for "
+                                                  "its output projection)")
+        return
+    readers = [n for n in after if probe.calls[n].reads_attention == site]
+    for n in readers:
+        roles[n] = LayerRole("attention_out", f"{where}: reads the attention's output (through reshapes and casts)")
+    if not readers:  # what it computed reached no linear through ops attention_flow follows
+        for n in after:
+            roles[n] = LayerRole("attention_out", f"{where}: called after the attention computed (no linear reads "
+                                                  "its output through reshapes and casts alone)")
 
 
 def _mlp_roles(order: list[str], layers: dict[str, nn.Module], probe: _Probe, roles: dict[str, LayerRole],
@@ -402,7 +439,7 @@ def infer_roles(model: nn.Module, example: Mapping[str, Any] | None = None) -> t
     probe = None
     if example:
         try:
-            probe = _probe(model, example, layers, site_names, blocks)
+            probe = _probe(model, example, layers, site_names, blocks, flow=True)
         except Exception as e:  # noqa: BLE001 — a model that cannot run its example still gets name roles
             notes.append(f"roles: the probe forward failed ({type(e).__name__}: {str(e)[:120]}); roles from the "
                          "module tree and names only")

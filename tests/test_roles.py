@@ -125,8 +125,8 @@ def test_roles_come_from_structure_not_names():
 
 def test_head_after_blocks_that_are_attention_sites_is_the_head():
     """A block whose own forward computes the attention (so the whole block is the attention site) and
-    then its MLP: the linear reading the last block's output is the head, not attention_out (the
-    block's MLP linears are still taken for attention_out: a known limit of the site-is-a-block case)."""
+    then its MLP: the linear reading the last block's output is the head, not attention_out, and the
+    block's MLP is MLP."""
     from tests.test_export import TinyModel
 
     with torch.random.fork_rng():
@@ -136,7 +136,89 @@ def test_head_after_blocks_that_are_attention_sites_is_the_head():
     got = {r.name: (r.role, str(r.precision)) for r in plan.layers}
     for b in ("blocks.0", "blocks.1"):
         assert got[f"{b}.q_proj"] == ("attention_q", "fp8") and got[f"{b}.o_proj"] == ("attention_out", "fp8")
+        assert got[f"{b}.up"] == ("mlp_up", "nvfp4") and got[f"{b}.down"] == ("mlp_down", "nvfp4"), got
     assert got["head"] == ("head", "fp16"), got["head"]
+
+
+class _WholeBlock(nn.Module):
+    """A hand-written transformer block (robot-policy / DiT style): one forward runs q/k/v, the attention,
+    its output projection and the MLP, so the whole block is the attention site. Names that say nothing
+    (a..f): the roles must come from the structure."""
+
+    def __init__(self, sdpa: bool, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.sdpa, self.heads = sdpa, heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.a, self.b, self.c, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.e, self.f = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(n, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.a, self.b, self.c))
+        if self.sdpa:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            o = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / (d // self.heads) ** 0.5, dim=-1), v)
+        x = x + self.proj(o.transpose(1, 2).reshape(n, t, d))
+        return x + self.f(torch.nn.functional.gelu(self.e(self.norm2(x))))
+
+
+class _WholeBlockNet(nn.Module):
+    def __init__(self, sdpa: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([_WholeBlock(sdpa), _WholeBlock(sdpa)])
+        self.out = nn.Linear(32, 7)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "matmul-softmax"])
+def test_whole_block_site_keeps_its_mlp_mlp(sdpa):
+    """Until the probe followed what the attention computed, every linear called after q/k/v in such a
+    block was attention_out: its MLP went FP8 under balanced instead of NVFP4."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _WholeBlockNet(sdpa).eval()
+    plan = make_plan(model, load_recipe("balanced"), example={"x": torch.randn(2, 6, 32)})
+    rows = _rows(plan)
+    got = {n: (r.role, str(r.precision)) for n, r in rows.items()}
+    for blk in ("blocks.0", "blocks.1"):
+        assert [got[f"{blk}.{p}"] for p in ("a", "b", "c")] == [
+            ("attention_q", "fp8"), ("attention_k", "fp8"), ("attention_v", "fp8")]
+        assert got[f"{blk}.proj"] == ("attention_out", "fp8")
+        assert "reads the attention's output" in rows[f"{blk}.proj"].role_how
+        assert got[f"{blk}.e"] == ("mlp_up", "nvfp4") and got[f"{blk}.f"] == ("mlp_down", "nvfp4"), got
+        assert rows[f"{blk}.e"].role_how == f"MLP in block {blk}: expands the hidden size (32 -> 128 ... 128 -> 32)"
+    assert got["out"] == ("head", "fp16")
+    assert plan.roles_not_inferred() == []
+
+
+def test_attention_output_through_an_op_not_followed_keeps_every_later_linear_attention():
+    """When what the attention computed reaches no linear through moves and casts (here a tanh), the
+    linears after it in the site all stay attention_out, as before the probe followed the output."""
+
+    class Site(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(16, 16) for _ in range(4))
+            self.e, self.f = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            q, k, v = self.a(x), self.b(x), self.c(x)
+            x = x + self.d(torch.tanh(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v))
+            return x + self.f(torch.relu(self.e(x)))
+
+    from quantkit.roles import infer_roles
+
+    roles, _ = infer_roles(nn.Sequential(Site()), {"input": torch.randn(2, 5, 16)})
+    assert {n: r.role for n, r in roles.items()} == {
+        "0.a": "attention_q", "0.b": "attention_k", "0.c": "attention_v", "0.d": "attention_out",
+        "0.e": "attention_out", "0.f": "attention_out"}
+    assert "no linear reads its output through reshapes and casts alone" in roles["0.e"].how
 
 
 def test_rule_selects_by_role_beside_names():

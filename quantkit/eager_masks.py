@@ -30,26 +30,43 @@ def _tracing() -> bool:
     return bool(is_tracing() or torch.onnx.is_in_onnx_export())
 
 
-def mark(mask: Any, original: str, *, q_length: int, kv_length: int, kv_offset: int = 0,
-         attention_mask: torch.Tensor | None = None, local_size: int | None = None,
-         allow_is_causal_skip: bool = False, allow_is_bidirectional_skip: bool = False, **_: Any) -> Any:
-    """Tag `mask` (made by the `original` mask function) with when eager sdpa would have returned None."""
-    if original != "sdpa" or not torch.is_tensor(mask) or mask.dtype != torch.bool or not _tracing():
+def _size(value: Any) -> int | None:
+    """A length as an int: traced, transformers passes shapes as 0-d tensors (constant in the trace)."""
+    if isinstance(value, int):
+        return value
+    if torch.is_tensor(value) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)
+    return None
+
+
+def mark(mask: Any, original: str, **kwargs: Any) -> Any:
+    """Tag `mask` (made by the `original` mask function from the mask-interface `kwargs`) with when
+    eager sdpa would have returned None. Anything unexpected (another transformers' arguments, a float
+    mask) leaves the mask as it is."""
+    q_length, kv_length = _size(kwargs.get("q_length")), _size(kwargs.get("kv_length"))
+    if (original != "sdpa" or not torch.is_tensor(mask) or mask.dtype != torch.bool or q_length is None
+            or kv_length is None or not _tracing()):
         return mask
+    local_size = kwargs.get("local_size")
     if local_size is not None and kv_length >= local_size:
         return mask  # a sliding window is never left out
-    if allow_is_causal_skip and (q_length == 1 or kv_length == q_length):
+    if kwargs.get("allow_is_causal_skip") and (q_length == 1 or kv_length == q_length):
         kind = "causal"
-    elif allow_is_bidirectional_skip:
+    elif kwargs.get("allow_is_bidirectional_skip"):
         kind = "bidirectional"
     else:
         return mask
-    if attention_mask is None:
+    padding = kwargs.get("attention_mask")
+    if padding is None:
         no_padding = torch.ones((), dtype=torch.bool, device=mask.device)
+    elif padding.dim() != 2:
+        return mask  # a prepared 4D mask is used as it is, eager or traced
     else:
-        from transformers.masking_utils import prepare_padding_mask
-
-        no_padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, -kv_length:].bool().all()
+        # the keys this mask covers, as transformers' skip test reads them (shorter: padded, so not skipped)
+        offset = _size(kwargs.get("kv_offset") or 0)
+        if offset is None or padding.shape[-1] < offset + kv_length:
+            return mask
+        no_padding = padding[:, offset:offset + kv_length].bool().all()
     setattr(mask, _MARK, (kind, no_padding))
     return mask
 

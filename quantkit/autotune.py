@@ -2,13 +2,14 @@
 
 Starting from a recipe, each quantized layer (and the attention matmuls) can step down its ladder of
 rungs (`Rung`: a precision plus the rule fields it implies): nvfp4 (as the recipe's rule says) ->
-nvfp4-w4a8 (the same NVFP4 weights and weight algorithm, FP8 activations; only when the rule
+nvfp4-gptq (GPTQ weights, only when the rule names no weight algorithm; `nvfp4_algorithm` picks
+another or none) -> nvfp4-w4a8-gptq (the same NVFP4 weights, FP8 activations; only when the rule
 quantizes the activations to NVFP4) -> fp8 -> the model's 16-bit dtype -> skip; int8 -> fp16 -> skip;
 ... Every rung's layers are calibrated once (the recipe itself, plus, when the recipe misses the
 target, one calibration per other quantized rung on the ladders); candidates are then evaluated by
 swapping already-calibrated layers into one model, so no candidate is recalibrated. Each unit's gain
-for its next step is measured on the held-out samples. Steps that cost no weight bytes (W4A8, the
-attention matmuls) are taken first, largest measured gain first, when that gain is positive; then
+for its next step is measured on the held-out samples. Steps that cost no weight bytes (the NVFP4
+rungs, the attention matmuls) are taken first, largest measured gain first, when that gain is positive; then
 the step with the best cosine gain per weight byte, until the target is reached. A zero-byte rung
 that measures no gain is passed over for that unit (its next step is measured to the rung below).
 Steps that turn out unneeded are undone, and the result, a recipe that `extends` the original, is

@@ -31,7 +31,7 @@ from torch import nn
 from quantkit import console
 from quantkit.models import LoadedModel
 from quantkit.plan import DTYPE_BYTES, LayerPlan, Plan
-from quantkit.recipe import FORMATS, WEIGHT_ALGORITHMS, Precision, Recipe, Rule
+from quantkit.recipe import FORMATS, WEIGHT_ALGORITHMS, WEIGHT_REWRITING_CALIBRATORS, Precision, Recipe, Rule
 
 RESULT_FILE = "autotune.json"
 RECIPE_FILE = "autotuned-recipe.yaml"
@@ -119,7 +119,8 @@ def ladder(start: Rung | Precision, model_dtype: str, nvfp4_algorithm: str | Non
            ) -> list[Rung]:
     """A unit's rungs from `start` (where the recipe puts it) down, nearest first, ending at skip.
 
-    By weight format: NVFP4 -> [NVFP4 with `nvfp4_algorithm`, when the rule names no weight algorithm]
+    By weight format: NVFP4 -> [NVFP4 with `nvfp4_algorithm`, when the rule names no weight algorithm
+    and no calibrator that rewrites the weights (smoothquant, awq)]
     -> [W4A8, when the activations are NVFP4] -> fp8 -> 16-bit -> skip; fp8 or int8 -> 16-bit -> skip.
     The NVFP4 rungs cost no weight bytes; the W4A8 rung keeps the weight algorithm (the rule's, else
     `nvfp4_algorithm`) and the calibrator.
@@ -131,7 +132,7 @@ def ladder(start: Rung | Precision, model_dtype: str, nvfp4_algorithm: str | Non
     rungs = [start]
     if start.quantized and start.weight_precision == Precision.NVFP4:
         last = start
-        if nvfp4_algorithm and not start.algorithm:
+        if nvfp4_algorithm and not start.algorithm and start.calibrator not in WEIGHT_REWRITING_CALIBRATORS:
             # Same formats, better NVFP4 weights: the weight algorithm alone changes.
             last = dataclasses.replace(start, algorithm=nvfp4_algorithm)
             rungs.append(last)
@@ -576,7 +577,8 @@ def run(recipe_spec: str, model_spec: str | None, *, target_cosine: float, max_l
     if max_linear_bytes is not None and max_linear_bytes <= 0:
         raise InputError(f"--max-linear-bytes {max_linear_bytes}: a byte budget is a positive number")
     if nvfp4_algorithm is not None and nvfp4_algorithm not in WEIGHT_ALGORITHMS:
-        raise InputError(f"--nvfp4-algorithm {nvfp4_algorithm}: not one of {', '.join(WEIGHT_ALGORITHMS)} (or none)")
+        raise InputError(f"nvfp4_algorithm {nvfp4_algorithm!r}: not one of {', '.join(WEIGHT_ALGORITHMS)} "
+                         "(None: no such rung)")
     recipe = load_recipe(recipe_spec)
     torch_device = ptq.resolve_device(device)
     loaded = load_model(model_spec)

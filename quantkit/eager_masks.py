@@ -48,8 +48,8 @@ def mark(mask: Any, original: str, **kwargs: Any) -> Any:
             or kv_length is None or not _tracing()):
         return mask
     local_size = kwargs.get("local_size")
-    if local_size is not None and kv_length >= local_size:
-        return mask  # a sliding window is never left out
+    if local_size is not None and not isinstance(local_size, int):
+        return mask
     if kwargs.get("allow_is_causal_skip") and (q_length == 1 or kv_length == q_length):
         kind = "causal"
     elif kwargs.get("allow_is_bidirectional_skip"):
@@ -67,7 +67,7 @@ def mark(mask: Any, original: str, **kwargs: Any) -> Any:
         if offset is None or padding.shape[-1] < offset + kv_length:
             return mask
         no_padding = padding[:, offset:offset + kv_length].bool().all()
-    setattr(mask, _MARK, (kind, no_padding))
+    setattr(mask, _MARK, (kind, no_padding, local_size))
     return mask
 
 
@@ -77,14 +77,20 @@ def as_eager(mask: Any, module: Any, query: torch.Tensor, key: torch.Tensor, is_
     tag = getattr(mask, _MARK, None) if torch.is_tensor(mask) else None
     if tag is None:
         return mask
-    kind, no_padding = tag
-    q, k = query.shape[-2], key.shape[-2]
+    kind, no_padding, local_size = tag
+    if int(query.shape[-2]) == 1:
+        return mask  # one query: a causal mask allows every key, as no mask does
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    none_is_causal = q > 1 and bool(causal)
+    none_is_causal = bool(causal)  # sdpa_attention_forward's rule for no mask (more than one query)
     if none_is_causal == (kind == "causal"):
         return mask  # None would have meant what the mask says
-    none_mask = torch.ones(q, k, dtype=torch.bool, device=mask.device)
+    # Eager leaves a sliding-window mask out only while the keys fit in the window: decided in the
+    # graph, like the padding, so that a graph with a dynamic sequence length follows eager at any length.
+    skip = no_padding
+    if local_size is not None:
+        skip = skip & (torch.as_tensor(key.shape[-2], device=mask.device) < local_size)
+    none_mask = torch.ones_like(mask)  # the mask's own (traced) shape: a dynamic sequence axis stays dynamic
     if none_is_causal:
         none_mask = none_mask.tril()  # sdpa's is_causal: top-left aligned
     # And/Or/Not rather than a boolean Where, which ONNX Runtime's CPU provider has no kernel for
-    return (none_mask & no_padding) | (mask & ~no_padding)
+    return (none_mask & skip) | (mask & ~skip)

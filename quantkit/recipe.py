@@ -113,6 +113,8 @@ def expand_roles(names: list[str]) -> frozenset[str]:
 # ModelOpt 0.47's NVFP4 weight algorithms a rule can name (`algorithm:`), and the weight precisions
 # each fits: they choose NVFP4 block scales (four-over-six, the MSE / FP8 scale sweep, local
 # Hessian) or rewrite weights against NVFP4 rounding (AWQ lite / clip / full, GPTQ).
+# Calibrators that rewrite the weights themselves: a rule cannot also name a weight `algorithm`.
+WEIGHT_REWRITING_CALIBRATORS = ("smoothquant", "awq")
 WEIGHT_ALGORITHMS: dict[str, frozenset[Precision]] = {
     name: frozenset({Precision.NVFP4})
     for name in ("four_over_six", "mse_fp8_sweep", "local_hessian", "awq_lite", "awq_clip", "awq_full", "gptq")
@@ -244,7 +246,7 @@ class Rule(_Strict):
             fits = ", ".join(sorted(str(p) for p in WEIGHT_ALGORITHMS[self.algorithm]))
             raise ValueError(f"algorithm: {self.algorithm} is an algorithm for {fits} weights, and this rule's "
                              f"weights are {self.weight_precision}; drop it or set precision: nvfp4")
-        if self.algorithm and self.calibrator in ("smoothquant", "awq"):
+        if self.algorithm and self.calibrator in WEIGHT_REWRITING_CALIBRATORS:
             raise ValueError(f"algorithm: {self.algorithm} and calibrator: {self.calibrator} both rewrite the "
                              "weights; pick one")
         if self.fallback is not None and self.fallback == Precision.NVFP4:

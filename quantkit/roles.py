@@ -353,12 +353,25 @@ def _attention_roles(site: str, site_module: nn.Module, inside: list[str], probe
             role = _role_from_name(n)
             if role and role.startswith("attention_"):
                 roles[n] = LayerRole(role, f"{where}: input projection; which one by its name")
+            elif at:
+                # it reads the site's input before the attention computed: an input projection whatever it
+                # is called (DeepSeek's q_a_proj / kv_a_proj_with_mqa); which of q/k/v it feeds is unknown
+                roles[n] = LayerRole("attention_qkv", f"{where}: one of {len(inputs)} projections of the "
+                                                      "attention's input (which of q/k/v not inferred)")
     if not at:
         for n in outs:
             roles[n] = LayerRole("attention_out", f"{where}: no q/k/v projection (the probe did not see the "
                                                   "attention compute: every other linear of the site is taken for "
                                                   "its output projection)")
         return
+    for n in outs:
+        # before the attention, yet no projection of its input: a projection of a projection (DeepSeek's
+        # low-rank q_b_proj / kv_b_proj); attention by where it runs, which one by its name when it says
+        role = _role_from_name(n)
+        roles[n] = (LayerRole(role, f"{where}: projects another projection before the attention; which one by "
+                                    "its name") if role and role.startswith("attention_") else
+                    LayerRole("attention_qkv", f"{where}: called before the attention computed, reading another "
+                                               "projection's output (a low-rank q/k/v pair; which one not inferred)"))
     readers = [n for n in after if probe.calls[n].reads_attention == site]
     for n in readers:
         roles[n] = LayerRole("attention_out", f"{where}: reads the attention's output (through reshapes and casts)")

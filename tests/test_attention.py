@@ -345,12 +345,55 @@ def _tiny_bidirectional_gemma():
     return GemmaForCausalLM(config).eval()
 
 
+def _tiny_bidirectional_gemma2(window: int):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=window,
+                          use_bidirectional_attention=True, use_cache=False)
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def _export_and_compare(tmp_path, model, ids, mask):
+    ort = pytest.importorskip("onnxruntime")
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).logits
+        path = tmp_path / "model.onnx"
+        torch.onnx.export(_Logits(model), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamo=False, opset_version=17)
+    got = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy(),
+                                                                     "attention_mask": mask.numpy()})[0])
+    valid = mask.bool()
+    return cosine(eager[valid], got[valid]), (eager[valid] - got[valid]).abs().max().item()
+
+
+def test_a_one_token_trace_of_a_non_causal_module_exports_and_follows_eager(tmp_path):
+    """One query token (an encoder-decoder's start token): the tagged mask once crashed the trace (a
+    traced length compared as a tensor: `aten::eq` INTERNAL ASSERT)."""
+    model = _tiny_bidirectional_gemma()
+    protect_model(model, ProtectSpec())
+    ids = torch.randint(1, 64, (2, 1), generator=torch.Generator().manual_seed(0))
+    cos, diff = _export_and_compare(tmp_path, model, ids, torch.ones_like(ids))
+    assert cos > 0.999999 and diff < 1e-4, (cos, diff)
+
+
+@pytest.mark.parametrize("seq", [1, 3, 9])
+def test_exported_sliding_window_masks_follow_eager(tmp_path, seq):
+    """Gemma2 with bidirectional attention (PaliGemma2's text model), sliding window 4: shorter and
+    longer sequences than the window, and one token, give eager's attention in the graph."""
+    model = _tiny_bidirectional_gemma2(window=4)
+    protect_model(model, ProtectSpec())
+    ids = torch.randint(1, 64, (2, seq), generator=torch.Generator().manual_seed(0))
+    cos, diff = _export_and_compare(tmp_path, model, ids, torch.ones_like(ids))
+    assert cos > 0.999999 and diff < 1e-4, (cos, diff)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_exported_mask_follows_eager_for_a_non_causal_module(tmp_path, padded):
     """PaliGemma's Gemma: its attentions are not causal (use_bidirectional_attention) while its mask is.
     Eager sdpa leaves the mask out over an unpadded batch and attends bidirectionally; traced, the mask
     is materialized (causal). quantkit's attention must give the graph eager's attention either way."""
-    ort = pytest.importorskip("onnxruntime")
     model = _tiny_bidirectional_gemma()
     assert model.model.layers[0].self_attn.is_causal is False
     protect_model(model, ProtectSpec())  # routes the attention through quantkit (FP32 softmax)
@@ -358,14 +401,6 @@ def test_exported_mask_follows_eager_for_a_non_causal_module(tmp_path, padded):
     mask = torch.ones_like(ids)
     if padded:
         mask[1, 6:] = 0
-    with torch.no_grad():
-        eager = model(input_ids=ids, attention_mask=mask).logits
-        path = tmp_path / "gemma.onnx"
-        torch.onnx.export(_Logits(model), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], dynamo=False, opset_version=17)
-    got = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy(),
-                                                                     "attention_mask": mask.numpy()})[0])
-    valid = mask.bool()
-    # the bidirectional and causal attentions of these weights differ well above float rounding
-    assert cosine(eager[valid], got[valid]) > 0.999999
-    assert (eager[valid] - got[valid]).abs().max().item() < 1e-4
+    # the bidirectional and causal attentions of these weights differ well above float rounding (0.9993)
+    cos, diff = _export_and_compare(tmp_path, model, ids, mask)
+    assert cos > 0.999999 and diff < 1e-4, (cos, diff)

@@ -39,6 +39,12 @@ def test_ladders():
     assert _labels(P.NVFP4, "fp32") == ["nvfp4", "nvfp4-w4a8", "fp8", "fp16", "skip"]
     assert _labels(P.NVFP4, "bf16", "awq_lite") == ["nvfp4", "nvfp4-awq_lite", "nvfp4-w4a8-awq_lite", "fp8", "skip"]
     assert _labels(P.NVFP4, "bf16") == ["nvfp4", "nvfp4-w4a8", "fp8", "skip"]  # the model's own 16-bit dtype is skip
+    # a calibrator that rewrites the weights (awq, smoothquant) excludes a weight algorithm: no such rung,
+    # and every rung's rule is one the recipe schema takes
+    for calibrator in ("awq", "smoothquant"):
+        rungs = autotune.ladder(Rung(P.NVFP4, P.NVFP4, P.NVFP4, None, calibrator), "fp32")
+        assert [r.label for r in rungs] == ["nvfp4", "nvfp4-w4a8", "fp8", "fp16", "skip"]
+        assert all(r.rule(["x"]).precision == r.precision for r in rungs)
     assert _labels(P.INT8, "fp32") == ["int8", "fp16", "skip"]
     assert _labels(P.FP8, "fp16") == ["fp8", "skip"]
     assert _labels(P.FP16, "fp32") == ["fp16", "skip"]

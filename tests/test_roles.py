@@ -287,3 +287,25 @@ def test_a_cast_never_changes_a_shared_weight_under_a_layer_that_keeps_it():
     assert str(rows["emb"].precision) == "skip" and "a cast would change the weight it shares with out" in rows["emb"].note
     assert plan.shared_weights[0]["decided_by"] == "rules[1] (out,emb)"
     assert plan.shared_weights[0]["precision"] == ["int8", "skip"]
+
+
+def test_low_rank_attention_projections_keep_an_attention_role():
+    """DeepSeek's MLA projects q and kv through low-rank pairs (q_a_proj -> q_b_proj, kv_a_proj_with_mqa ->
+    kv_b_proj) before the attention, none named like q/k/v: all four are the attention's input projections
+    (balanced: FP8), not left without a role (the first of each pair had none before, the second was taken
+    for an output projection)."""
+    import transformers as T
+
+    from quantkit.roles import infer_roles
+
+    config = T.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, moe_intermediate_size=16,
+                                n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1)
+    torch.manual_seed(0)
+    model = T.DeepseekV3ForCausalLM(config).eval()
+    roles, _ = infer_roles(model, {"input_ids": torch.randint(1, 60, (2, 8))})
+    attn = "model.layers.0.self_attn"
+    for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
+        assert roles[f"{attn}.{name}"].role == "attention_qkv", (name, roles[f"{attn}.{name}"])
+    assert roles[f"{attn}.o_proj"].role == "attention_out"

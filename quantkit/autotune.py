@@ -31,7 +31,8 @@ from torch import nn
 from quantkit import console
 from quantkit.models import LoadedModel
 from quantkit.plan import DTYPE_BYTES, LayerPlan, Plan
-from quantkit.recipe import FORMATS, WEIGHT_ALGORITHMS, WEIGHT_REWRITING_CALIBRATORS, Precision, Recipe, Rule
+from quantkit.recipe import (DEFAULT_NVFP4_ALGORITHM, FORMATS, WEIGHT_ALGORITHMS, WEIGHT_REWRITING_CALIBRATORS,
+                             Precision, Recipe, Rule)
 
 RESULT_FILE = "autotune.json"
 RECIPE_FILE = "autotuned-recipe.yaml"
@@ -102,17 +103,14 @@ class Rung:
             fields["calibrator"] = self.calibrator
         return fields
 
-    def rule(self, names: list[str], note: str | None = None) -> Rule:
+    def rule_dict(self, names: list[str], note: str | None = None) -> dict[str, Any]:
+        """The recipe rule (YAML-ready) that puts exactly the layers `names` on this rung."""
         from quantkit.sensitivity import _exact
 
-        return Rule.model_validate({"match": [_exact(n) for n in names], **self.rule_fields(),
-                                    **({"note": note} if note else {})})
+        return {"match": [_exact(n) for n in names], **self.rule_fields(), **({"note": note} if note else {})}
 
-
-# The NVFP4 weight algorithm autotune tries where the recipe's rule names none: the best of the
-# algorithms measured on MiniLM's MLPs (BENCHMARKS.md, H200: gptq 0.9753 against 0.9614 without one);
-# it costs one GPTQ pass per rung that uses it (about 40 s for MiniLM on two CPU cores).
-DEFAULT_NVFP4_ALGORITHM = "gptq"
+    def rule(self, names: list[str], note: str | None = None) -> Rule:
+        return Rule.model_validate(self.rule_dict(names, note))
 
 
 def ladder(start: Rung | Precision, model_dtype: str, nvfp4_algorithm: str | None = DEFAULT_NVFP4_ALGORITHM
@@ -202,7 +200,7 @@ class AutotuneResult:
 
     def override(self) -> dict[str, Any]:
         """The written recipe: `extends` the original, one rule per rung the moved layers stand on."""
-        from quantkit.sensitivity import _exact, _extends_spec
+        from quantkit.sensitivity import _extends_spec
 
         data: dict[str, Any] = {"name": f"{self.recipe.name}-autotuned", "extends": _extends_spec(self.recipe)}
         by_rung: dict[Rung, list[str]] = {}
@@ -215,8 +213,7 @@ class AutotuneResult:
         if by_rung:
             # A rule replaces the recipe's rule for its layers (the last match wins, fields do not
             # merge), so each states the rung in full: W4A8 keeps the weight algorithm and calibrator.
-            data["rules"] = [{"match": [_exact(n) for n in names], **rung.rule_fields(),
-                              "note": f"moved down the precision ladder to {rung} by `quantkit autotune`"}
+            data["rules"] = [rung.rule_dict(names, f"moved down the precision ladder to {rung} by `quantkit autotune`")
                              for rung, names in by_rung.items()]
         if attention_skip:
             data["attention"] = {"precision": "skip"}

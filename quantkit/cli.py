@@ -525,8 +525,7 @@ def _register_autotune(sub: argparse._SubParsersAction) -> None:
                                                                  "held-out share of them evaluates)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration/evaluation batch size")
     p.add_argument("--device", default=None)
-    from quantkit.autotune import DEFAULT_NVFP4_ALGORITHM
-    from quantkit.recipe import WEIGHT_ALGORITHMS, Precision
+    from quantkit.recipe import DEFAULT_NVFP4_ALGORITHM, WEIGHT_ALGORITHMS, Precision
 
     p.add_argument("--nvfp4-algorithm", default=DEFAULT_NVFP4_ALGORITHM,
                    choices=[a for a, fits in WEIGHT_ALGORITHMS.items() if Precision.NVFP4 in fits] + ["none"],

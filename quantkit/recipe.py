@@ -113,6 +113,10 @@ def expand_roles(names: list[str]) -> frozenset[str]:
 # ModelOpt 0.47's NVFP4 weight algorithms a rule can name (`algorithm:`), and the weight precisions
 # each fits: they choose NVFP4 block scales (four-over-six, the MSE / FP8 scale sweep, local
 # Hessian) or rewrite weights against NVFP4 rounding (AWQ lite / clip / full, GPTQ).
+# The NVFP4 weight algorithm `quantkit autotune` tries where a rule names none: the best of the
+# algorithms measured on MiniLM's MLPs (BENCHMARKS.md, H200: gptq 0.9753 against 0.9614 without one);
+# it costs one GPTQ pass per rung that uses it (about 40 s for MiniLM on two CPU cores).
+DEFAULT_NVFP4_ALGORITHM = "gptq"
 # Calibrators that rewrite the weights themselves: a rule cannot also name a weight `algorithm`.
 WEIGHT_REWRITING_CALIBRATORS = ("smoothquant", "awq")
 WEIGHT_ALGORITHMS: dict[str, frozenset[Precision]] = {

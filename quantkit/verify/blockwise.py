@@ -144,8 +144,8 @@ def teacher_forced(model: nn.Module, boundaries: BlockBoundaries, graph_values: 
             fed = _pick(graph_values, boundaries.entering[block], hidden)
             if fed is None:
                 return None
-            pairs[f"{block} input"] = (hidden.detach().float().cpu(), fed.float())
             fed_inputs[block] = fed.float()
+            pairs[f"{block} input"] = (hidden.detach().float().cpu(), fed_inputs[block])
             fed = fed.to(device=hidden.device, dtype=hidden.dtype)
             if args:
                 return (fed, *args[1:]), kwargs

@@ -647,6 +647,9 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
     out["not_converted"] = [f"{n}: {r}" for n, r in runner.skipped]
     out["fp8_model_bytes"] = fp8_weight_bytes(runner.model)
     out["fused_groups"] = {"fp8": len(fused_runner.fused), "first": fused_runner.fused[:2]}
+    # gated MLPs run as act(gate) * up + FP8 quantization in one kernel (quantkit/runtime/gated_mlp.py)
+    out["fp8_gated_mlps"] = {"fused": len(fused_runner.gated_mlps), "graphs": len(graph_runner.gated_mlps),
+                             "first": str(fused_runner.gated_mlps[:1])}
 
     def call(model, graphs: bool = False):
         def fn(x, **kw):
@@ -1013,7 +1016,8 @@ def print_tables(report: dict[str, Any]) -> None:
                   f"{mib(rt.get('fp8_model_bytes', {}).get('total_bytes'))} MiB FP8 runtime; "
                   f"calibrate+quantize {rt.get('calibrate_quantize_s')} s; FP8 eager vs ModelOpt fake quant cosine "
                   f"{rt.get('fp8_eager_vs_fake_quant_cosine')}; BF16 vs FP32 cosine {rt.get('bf16_vs_fp32_cosine')}; "
-                  f"fused groups {rt.get('fused_groups')}; compile s {rt.get('compile_s')}")
+                  f"fused groups {rt.get('fused_groups')}; gated MLPs in one kernel {rt.get('fp8_gated_mlps')}; "
+                  f"compile s {rt.get('compile_s')}")
     cal = report.get("calibration")
     if cal:
         t = Table(title=f"calibration ({cal['recipe']}) of the decoder on {cal['samples']} samples x {cal['seq']} tokens "

@@ -8,6 +8,7 @@ calls torch._scaled_mm on CUDA is asserted in tests/gpu/test_torch_fp8.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -384,3 +385,106 @@ def test_bf16_baseline_fuses_a_transformers_decoder_the_same_way():
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated MLPs: act(gate) * up and its FP8 quantization in one pass (quantkit/runtime/gated_mlp.py)
+
+
+class GatedMLP(nn.Module):
+    """The Llama / Gemma MLP, with variants that must not be taken for it."""
+
+    def __init__(self, d: int = 32, ffn: int = 64, act=F.silu, variant: str = "plain"):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+        self.act, self.variant = act, variant
+
+    def forward(self, x):
+        if self.variant == "up first":
+            return self.down_proj(self.up_proj(x) * self.act(self.gate_proj(x)))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        if self.variant == "scaled":  # something more than the gated MLP: not replaced
+            return self.down_proj(h * 0.5)
+        if self.variant == "residual":
+            return x + self.down_proj(h)
+        return self.down_proj(h)
+
+
+class MLPStack(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList([GatedMLP(**kw) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _quantized_mlps(dtype=torch.bfloat16, **kw) -> MLPStack:
+    torch.manual_seed(0)
+    model = MLPStack(**kw).to(dtype).eval()
+    data = [x.to(dtype) for x in _data()]
+    with torch.no_grad():
+        mtq.quantize(model, build_quant_config(make_plan(model, RECIPE)), lambda m: [m(x) for x in data])
+    return model
+
+
+@pytest.mark.parametrize("act, act_name, variant, gate_index", [
+    (F.silu, "silu", "plain", 0),
+    (lambda t: F.gelu(t, approximate="tanh"), "gelu_tanh", "plain", 0),
+    (F.gelu, "gelu", "up first", 1),
+])
+def test_gated_mlp_runs_as_one_module_bit_equal_to_the_fp8_layers(act, act_name, variant, gate_index):
+    from quantkit.runtime.gated_mlp import FP8GatedMLP, GatedMLPSite
+
+    model = _quantized_mlps(act=act, variant=variant)
+    plain = TorchFP8Runner(_loaded(copy.deepcopy(model)), compile=False, device="cpu", fuse_mlp=False)
+    runner = TorchFP8Runner(_loaded(model), compile=False, device="cpu")
+    x = _data(1, seed=3)[0].to(torch.bfloat16)
+    want = plain.run({"x": x})["output"]
+    got = runner.run({"x": x})["output"]
+    assert runner.gated_mlps == [GatedMLPSite(f"layers.{i}", "down_proj", act_name, gate_index) for i in (0, 1)]
+    mlp = model.layers[0]
+    assert isinstance(mlp, FP8GatedMLP) and mlp.gate_up.weight.shape == (128, 32) and mlp.sizes == [64, 64]
+    assert plain.gated_mlps == [] and got.dtype == want.dtype == torch.bfloat16 and got.shape == (4, 5, 32)
+    # the same roundings as the separate ops (act, product, quantization): the same bits out
+    assert torch.equal(got, want), (got - want).abs().max()
+    other = _data(1, seed=4)[0].to(torch.bfloat16)
+    assert torch.equal(runner.run({"x": other})["output"], plain.run({"x": other})["output"])
+
+
+@pytest.mark.parametrize("variant", ["scaled", "residual"])
+def test_an_mlp_doing_more_than_the_gated_mlp_stays_as_it_is(variant):
+    from quantkit.runtime.fusion import FusedMember
+
+    model = _quantized_mlps(variant=variant)
+    reference = TorchFP8Runner(_loaded(copy.deepcopy(model)), compile=False, device="cpu", fuse_mlp=False)
+    runner = TorchFP8Runner(_loaded(model), compile=False, device="cpu")
+    x = _data(1, seed=5)[0].to(torch.bfloat16)
+    got = runner.run({"x": x})["output"]
+    assert runner.gated_mlps == [] and len(runner.fused) == 2, "gate/up still joined, the MLP left as it is"
+    assert isinstance(model.layers[0].gate_proj, FusedMember)
+    assert torch.equal(got, reference.run({"x": x})["output"])
+
+
+def test_transformers_llama_mlps_are_found():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():
+        mtq.quantize(model, build_quant_config(make_plan(model, RECIPE)), lambda m: [m(input_ids=t) for t in ids])
+    loaded = LoadedModel(spec="llama", model=model, input_names=["input_ids"], output_names=["logits"],
+                         example_inputs={"input_ids": ids[0]})
+    plain = TorchFP8Runner(dataclasses.replace(loaded, model=copy.deepcopy(model)), compile=False, device="cpu",
+                           fuse_mlp=False)
+    runner = TorchFP8Runner(loaded, compile=False, device="cpu")
+    got = runner.run({"input_ids": ids[1]})["logits"]
+    assert [(s.name, s.down, s.act) for s in runner.gated_mlps] == [
+        (f"model.layers.{i}.mlp", "down_proj", "silu") for i in (0, 1)]
+    assert torch.equal(got, plain.run({"input_ids": ids[1]})["logits"])

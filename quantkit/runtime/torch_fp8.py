@@ -148,26 +148,31 @@ class FP8Linear(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype
         lead = x.shape[:-1]
-        x_fp8 = quantize_e4m3(x.reshape(-1, self.in_features), self.input_inv_scale)
+        x_fp8 = self.quantize_input(x.reshape(-1, self.in_features))
+        return self.matmul_fp8(x_fp8, x.dtype).reshape(*lead, self.out_features)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in float8_e4m3fn with this layer's calibrated input scale (saturated, as ModelOpt's fake quant)."""
+        return quantize_e4m3(x, self.input_inv_scale)
+
+    def matmul_fp8(self, x_fp8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The layer on an input already quantized with its input scale: (M, in) float8 -> (M, out)."""
         bias, scale_a, scale_b = self.bias, self.input_scale, self.weight_scale
         if scale_b.dim() == 0:
-            out = self._gemm(x_fp8, scale_a, scale_b, bias, out_dtype)
-        elif self.rowwise_native and out_dtype == torch.bfloat16 and bias is None:
+            return self._gemm(x_fp8, scale_a, scale_b, bias, out_dtype)
+        if self.rowwise_native and out_dtype == torch.bfloat16 and bias is None:
             # _scaled_mm's row-wise mode: one FP32 scale per row of x, one per column of the output
-            out = self._gemm(x_fp8, scale_a.expand(x_fp8.shape[0], 1).contiguous(), scale_b.reshape(1, -1), None,
-                             out_dtype)
-        else:
-            # Row-wise mode gives BF16 only (and needs Hopper+ on CUDA), and a bias added after its BF16
-            # rounding would round twice: one per-tensor FP8 GEMM into FP32, each output column times
-            # its weight scale, the bias, one rounding.
-            one = torch.ones((), dtype=torch.float32, device=x_fp8.device)
-            out = self._gemm(x_fp8, scale_a, one, None, torch.float32) * scale_b
-            if bias is not None:
-                out = out + bias.float()
-            out = out.to(out_dtype)
-        return out.reshape(*lead, self.out_features)
+            return self._gemm(x_fp8, scale_a.expand(x_fp8.shape[0], 1).contiguous(), scale_b.reshape(1, -1), None,
+                              out_dtype)
+        # Row-wise mode gives BF16 only (and needs Hopper+ on CUDA), and a bias added after its BF16
+        # rounding would round twice: one per-tensor FP8 GEMM into FP32, each output column times
+        # its weight scale, the bias, one rounding.
+        one = torch.ones((), dtype=torch.float32, device=x_fp8.device)
+        out = self._gemm(x_fp8, scale_a, one, None, torch.float32) * scale_b
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
 
     def _gemm(self, x_fp8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor:
@@ -329,7 +334,9 @@ class TorchFP8Runner:
 
     `loaded.model` is converted in place (see convert_to_fp8) and moved to `device` (default: the GPU).
     With fuse (default), the first batch is also a probe: FP8 linears that read one tensor (q/k/v,
-    gate/up) are joined into one GEMM each (quantkit/runtime/fusion.py). With compile (default) the
+    gate/up) are joined into one GEMM each (quantkit/runtime/fusion.py), and with fuse_mlp (default)
+    each gated MLP then runs act(gate) · up and its FP8 quantization in one kernel
+    (quantkit/runtime/gated_mlp.py). With compile (default) the
     repeated blocks are then torch.compile'd, which fuses each layer's input quantization into the op
     before it. Attention matmuls that the recipe quantized stay ModelOpt
     fake-quant (correct numerics, no speed-up); recipes meant for this runtime leave attention to the
@@ -340,7 +347,7 @@ class TorchFP8Runner:
 
     def __init__(self, loaded, compile: bool = True, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, use_fast_accum: bool = True, regional: bool = True,
-                 fuse: bool = True):
+                 fuse: bool = True, fuse_mlp: bool = True):
         self.loaded = loaded
         model = loaded.model
         if device is None:
@@ -363,6 +370,8 @@ class TorchFP8Runner:
         self.skipped = [(n, r) for n, r in fp8_conversion_plan(model) if r]
         self.model: nn.Module = model
         self.fused: list[list[str]] | None = None if fuse else []
+        self.fuse_mlp = fuse and fuse_mlp
+        self.gated_mlps: list = []  # GatedMLPSite of each MLP run as FP8GatedMLP (found when fusing)
         self.compiled = False
         self._compile_pending = {"regional": regional} if compile else None
 
@@ -371,12 +380,17 @@ class TorchFP8Runner:
         `inputs`; returns the fused groups. Must come before compile (the graphs would be traced twice)."""
         from quantkit.runtime.fusion import fuse_shared_input_linears
 
+        from quantkit.runtime.gated_mlp import fuse_gated_mlps
+
         if self.fused is None:
             if self.compiled:
                 raise RuntimeError("TorchFP8Runner.fuse: fuse before compiling")
             prepared = self._prepare(inputs)
-            self.fused = fuse_shared_input_linears(self.model, lambda: self.model(**prepared),
-                                                   fusable=lambda m: isinstance(m, FP8Linear), concat=FP8Linear.concat)
+            is_fp8 = lambda m: isinstance(m, FP8Linear)  # noqa: E731
+            self.fused = fuse_shared_input_linears(self.model, lambda: self.model(**prepared), fusable=is_fp8,
+                                                   concat=FP8Linear.concat)
+            if self.fuse_mlp:
+                self.gated_mlps = fuse_gated_mlps(self.model, lambda: self.model(**prepared), is_fp8)
         return self.fused
 
     def compile(self, regional: bool = True, **compile_kwargs: Any) -> None:

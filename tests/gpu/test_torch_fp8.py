@@ -189,3 +189,91 @@ def test_fused_qkv_runs_one_rowwise_scaled_mm_matching_the_separate_layers(monke
     got_compiled = compiled.run({"input": x})["y"]  # the first batch fuses, then compiles
     assert len(compiled.fused) == 2 and compiled.compiled
     assert _cos(got_compiled, want.cpu()) >= 0.9999, f"compiled cosine {_cos(got_compiled, want.cpu())}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The gated MLP kernel (quantkit/runtime/fp8_kernels.py) and the runner's use of it
+
+
+def _eager_gated(gate, up, inv, act):
+    from quantkit.runtime.gated_mlp import ACTIVATIONS
+
+    return quantize_e4m3(ACTIVATIONS[act](gate) * up, inv)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+def test_gated_act_quant_kernel_gives_the_eager_bytes(act, dtype):
+    pytest.importorskip("triton")
+    from quantkit.runtime import fp8_kernels  # noqa: F401  (registers the op)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    # the two halves of one GEMM output, 3000 columns: not a multiple of the kernel's block
+    pair = (torch.randn(37, 6000, device="cuda", generator=g) * 3).to(dtype)
+    gate, up = pair.split(3000, dim=-1)
+    inv = torch.tensor(448 / 6.0, device="cuda")
+    got = torch.ops.quantkit.gated_act_quant(gate, up, inv, act)
+    want = _eager_gated(gate, up, inv, act)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == (37, 3000) and got.is_contiguous()
+    same = (got.view(torch.uint8) == want.view(torch.uint8)).float().mean().item()
+    if act == "silu":
+        assert same == 1.0, same
+    else:  # libdevice's tanh / erf against torch's: an FP32 ulp can move a rounding, rarely
+        assert same >= 0.999, same
+        assert (got.float() - want.float()).abs().max().item() <= want.float().abs().max().item() / 8
+
+
+def test_gated_act_quant_saturates_and_keeps_nan():
+    pytest.importorskip("triton")
+    from quantkit.runtime import fp8_kernels  # noqa: F401
+
+    gate = torch.tensor([[100.0, -100.0, float("nan"), 1.0]], device="cuda", dtype=torch.bfloat16)
+    up = torch.tensor([[100.0, 100.0, 1.0, float("inf")]], device="cuda", dtype=torch.bfloat16)
+    got = torch.ops.quantkit.gated_act_quant(gate, up, torch.tensor(1.0, device="cuda"), "silu").float()
+    # silu(100) * 100 saturates, silu(-100) * 100 is ~0, NaN stays NaN, 1 * inf saturates
+    assert got[0, 0].item() == 448.0 and got[0, 1].item() == 0.0
+    assert torch.isnan(got[0, 2]) and got[0, 3].item() == 448.0
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d: int = 256, ffn: int = 1024):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedStack(nn.Module):
+    def __init__(self, n: int = 2):
+        super().__init__()
+        self.mlps = nn.ModuleList([GatedMLP() for _ in range(n)])
+
+    def forward(self, x):
+        for m in self.mlps:
+            x = x + m(x)
+        return x
+
+
+def test_runner_runs_gated_mlps_through_the_kernel_eager_and_compiled():
+    """The MLP found, its output the same bytes as the separate FP8 ops eagerly, and compiled (where
+    Inductor keeps the op: the kernel runs in the graph) within rounding of it."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = GatedStack().cuda().to(torch.bfloat16).eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [torch.randn(4, 64, 256, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)]
+    with torch.no_grad():
+        mtq.quantize(model, build_quant_config(make_plan(model, RECIPE)), lambda m: [m(x) for x in data])
+    x = torch.randn(8, 128, 256, device="cuda", generator=g).to(torch.bfloat16)
+    runners = {}
+    for name, kw in (("plain", {"fuse_mlp": False, "compile": False}), ("eager", {"compile": False}),
+                     ("compiled", {"compile": True})):
+        loaded = LoadedModel(spec="net", model=copy.deepcopy(model), input_names=["x"], output_names=["y"])
+        runners[name] = TorchFP8Runner(loaded, **kw)
+    out = {name: r.run({"x": x})["y"] for name, r in runners.items()}
+    assert [s.name for s in runners["eager"].gated_mlps] == ["mlps.0", "mlps.1"]
+    assert runners["compiled"].compiled and len(runners["compiled"].gated_mlps) == 2
+    assert torch.equal(out["eager"], out["plain"])
+    assert torch.isfinite(out["compiled"]).all() and _cos(out["compiled"], out["eager"]) >= 0.99999

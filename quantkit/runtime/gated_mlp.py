@@ -1,0 +1,175 @@
+"""The gated MLP of the FP8 runtime: down(act(gate(x)) · up(x)) with act · up and the FP8 quantization of
+down's input in one kernel (quantkit.runtime.fp8_kernels on CUDA, the same arithmetic in torch elsewhere).
+
+Found by what the model does, not by its class or names: after q/k/v and gate/up have been joined
+(quantkit.runtime.fusion), one probe forward checks, for each module holding a joined pair of FP8
+linears, that the module was called once with the pair's input x as its only argument, that its output
+*is* the output of a sibling FP8 linear ("down"), and that down's input is, to the last bit, act(a) · b
+of the pair's outputs for one known activation and order. Such a module is replaced by `FP8GatedMLP`,
+which computes the same thing in three kernels (gate/up GEMM, act · up · quantize, down GEMM). This is
+the MLP of Llama, Gemma (tanh-GELU), Qwen, Mistral, PaliGemma's Gemma and the LLM backbones of GR00T;
+an MLP that does anything else (dropout, a residual, another activation) fails a check and stays as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.runtime.fusion import FusedMember, FusedSiblings
+
+# activation name (the kernel's) -> the torch function the eager module computes
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+@dataclass(frozen=True)
+class GatedMLPSite:
+    name: str  # the module replaced
+    down: str  # its FP8 down projection's name, relative to it
+    act: str
+    gate_index: int  # which of the joined pair is act's input (0 or 1)
+
+
+def _kernels():
+    """quantkit.runtime.fp8_kernels, or None where Triton is not installed (CPU builds of torch)."""
+    try:
+        from quantkit.runtime import fp8_kernels
+    except ImportError:
+        return None
+    return fp8_kernels
+
+
+class FP8GatedMLP(nn.Module):
+    """down(act(gate(x)) · up(x)) with gate and up one FP8 GEMM and act · up quantized in one pass."""
+
+    def __init__(self, gate_up: nn.Module, sizes: list[int], down: nn.Module, act: str, gate_index: int,
+                 original_class: str):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+        self.sizes, self.act, self.gate_index = list(sizes), act, gate_index
+        self.original_class = original_class
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        pair = self.gate_up(x.reshape(-1, x.shape[-1])).split(self.sizes, dim=-1)
+        gate, up = pair[self.gate_index], pair[1 - self.gate_index]
+        kernels = _kernels() if gate.is_cuda else None
+        if kernels is not None:
+            h8 = torch.ops.quantkit.gated_act_quant(gate, up, self.down.input_inv_scale, self.act)
+        else:  # the eager ops themselves: the same roundings (act, product, quantization)
+            h8 = self.down.quantize_input(ACTIVATIONS[self.act](gate) * up)
+        return self.down.matmul_fp8(h8, x.dtype).reshape(*lead, self.down.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.original_class}: {self.act}(gate) * up quantized in one kernel"
+
+
+def _pairs(model: nn.Module, is_fp8: Callable[[nn.Module], bool]) -> dict[str, tuple[FusedSiblings, list[str]]]:
+    """{parent name: (joined pair, [down candidates])}: parents holding the two members of one joined
+    pair of equal halves, and their FP8 children that read a half (in_features = the half's size)."""
+    found: dict[str, tuple[FusedSiblings, list[str]]] = {}
+    for name, parent in model.named_modules():
+        if not name:
+            continue  # the model itself is never replaced
+        members = [m for m in parent.children() if isinstance(m, FusedMember)]
+        groups = {id(m.group): m.group for m in members}
+        if len(members) != 2 or len(groups) != 1:
+            continue
+        group = next(iter(groups.values()))
+        if len(group.sizes) != 2 or group.sizes[0] != group.sizes[1] or not is_fp8(group.fused):
+            continue
+        downs = [child for child, m in parent.named_children()
+                 if is_fp8(m) and getattr(m, "in_features", None) == group.sizes[0]]
+        if downs:
+            found[name] = (group, downs)
+    return found
+
+
+def gated_mlp_sites(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[nn.Module], bool]) -> list[GatedMLPSite]:
+    """The modules of `model` that compute down(act(gate(x)) · up(x)) in `run`'s forward (see the module
+    docstring for the checks). Holds one module's activations at a time."""
+    pairs = _pairs(model, is_fp8)
+    state: dict[str, dict[str, Any]] = {name: {"calls": 0, "ok": False} for name in pairs}
+    handles = []
+
+    def watch(name: str, group: FusedSiblings, downs: list[str]) -> None:
+        parent = model.get_submodule(name) if name else model
+        st = state[name]
+
+        def before(module, args, kwargs):
+            st["calls"] += 1
+            st["x"] = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
+            st["outputs"], st["match"], st["down_out"] = None, None, None
+
+        def pair_out(module, args, output):
+            if st.get("x") is not None and args and args[0] is st["x"]:
+                st["outputs"] = output
+
+        def down_in(down: str):
+            def check(module, args):
+                outs = st.get("outputs")
+                if outs is None or st.get("match") is not None or not args:
+                    return
+                h = args[0]
+                for act, fn in ACTIVATIONS.items():
+                    for gate_index in (0, 1):
+                        a, b = outs[gate_index], outs[1 - gate_index]
+                        if a.shape == h.shape and torch.equal(fn(a) * b, h):
+                            st["match"] = (down, act, gate_index)
+                            st["down_module"] = module
+                            return
+            return check
+
+        def down_out(module, args, output):
+            if st.get("down_module") is module:
+                st["down_out"] = output
+
+        def after(module, args, kwargs, output):
+            st["ok"] = (st["calls"] == 1 and st.get("match") is not None and output is st.get("down_out"))
+            st["site"] = st.get("match")
+            for key in ("x", "outputs", "down_out", "down_module", "match"):
+                st.pop(key, None)
+
+        handles.append(parent.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(parent.register_forward_hook(after, with_kwargs=True))
+        handles.append(group.register_forward_hook(pair_out))
+        for down in downs:
+            m = parent.get_submodule(down)
+            handles.append(m.register_forward_pre_hook(down_in(down)))
+            handles.append(m.register_forward_hook(down_out))
+
+    for name, (group, downs) in pairs.items():
+        watch(name, group, downs)
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    sites = []
+    for name, st in state.items():
+        if st["ok"] and st.get("site"):
+            down, act, gate_index = st["site"]
+            sites.append(GatedMLPSite(name, down, act, gate_index))
+    return sites
+
+
+@torch.no_grad()
+def fuse_gated_mlps(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[nn.Module], bool]) -> list[GatedMLPSite]:
+    """Replace every gated MLP `gated_mlp_sites` finds by an FP8GatedMLP, in place; returns the sites."""
+    sites = gated_mlp_sites(model, run, is_fp8)
+    for site in sites:
+        old = model.get_submodule(site.name)
+        member = next(m for m in old.children() if isinstance(m, FusedMember))
+        model.set_submodule(site.name, FP8GatedMLP(member.group.fused, member.group.sizes,
+                                                   old.get_submodule(site.down), site.act, site.gate_index,
+                                                   type(old).__name__))
+    return sites

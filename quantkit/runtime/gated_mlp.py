@@ -40,11 +40,9 @@ class GatedMLPSite:
 
 def _kernels():
     """quantkit.runtime.fp8_kernels, or None where Triton is not installed (CPU builds of torch)."""
-    try:
-        from quantkit.runtime import fp8_kernels
-    except ImportError:
-        return None
-    return fp8_kernels
+    from quantkit.runtime import fp8_kernels
+
+    return fp8_kernels if fp8_kernels.AVAILABLE else None
 
 
 class FP8GatedMLP(nn.Module):

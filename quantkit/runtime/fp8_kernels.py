@@ -1,11 +1,12 @@
 """Triton kernels of the FP8 runtime, registered as torch custom ops so that torch.compile keeps them.
 
 `torch.ops.quantkit.gated_act_quant(gate, up, inv_scale, act)`: act(gate) · up quantized to
-float8_e4m3fn in one pass: the input of a gated MLP's FP8 down projection (SwiGLU: act "silu"; GeGLU:
-"gelu_tanh" as Gemma's, or "gelu"). Inductor fuses the same ops into one kernel too, but its flat-indexed kernel ran
-at ~3.5 TB/s on an H200 against ~4.3 for this row-tiled one (`scripts/bench_fp8_kernels.py`), and it
-keeps act(gate) and the product in FP32 where the eager module rounds each to the model's dtype; this
-kernel rounds as the eager module does, so its FP8 bytes are the eager FP8 model's (tests/gpu).
+float8_e4m3fn in one pass: the input of a gated MLP's FP8 down projection (SwiGLU: act "silu";
+GeGLU: "gelu_tanh" as Gemma's, or "gelu"). Inductor fuses the same ops into one kernel too, but its
+flat-indexed kernel ran at 3.5 TB/s on an H200 against 4.1 for this row-tiled one
+(`scripts/bench_fp8_kernels.py`), and it keeps act(gate) and the product in FP32 where the eager
+module rounds each to the model's dtype; this kernel rounds as the eager module does, so its FP8
+bytes are the eager FP8 model's (tests/gpu/test_torch_fp8.py).
 
 The kernels need Triton (it ships with CUDA builds of torch); without it this module defines nothing
 and says so in AVAILABLE, and quantkit.runtime.gated_mlp runs the same arithmetic in torch instead.
@@ -57,8 +58,12 @@ if AVAILABLE:
     def gated_act_quant(gate: torch.Tensor, up: torch.Tensor, inv_scale: torch.Tensor, act: str) -> torch.Tensor:
         """float8_e4m3fn(clamp(act(gate) · up · inv_scale, ±448)) of 2-D `gate` and `up` (one shape, last
         dimension contiguous: the two halves of a fused gate/up GEMM's output qualify as they are)."""
+        gate = gate if gate.stride(-1) == 1 else gate.contiguous()
+        up = up if up.stride(-1) == 1 else up.contiguous()
         rows, cols = gate.shape
         out = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=gate.device)
+        if out.numel() == 0:
+            return out
         grid = (rows, triton.cdiv(cols, _BLOCK))
         torch.library.wrap_triton(_gated_act_quant_kernel)[grid](
             gate, up, out, inv_scale, cols, gate.stride(0), up.stride(0), ACT=ACTIVATIONS.index(act),

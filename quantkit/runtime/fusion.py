@@ -79,6 +79,16 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+def probe(run: Callable[[], Any], handles: list[Any]) -> None:
+    """One probe forward, `run()`, in inference mode; the hooks in `handles` are removed after it, raise or not."""
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def shared_input_groups(model: nn.Module, run: Callable[[], Any],
                         fusable: Callable[[nn.Module], bool]) -> list[list[str]]:
     """Names of sibling modules called one after another with one input tensor, in call order.
@@ -101,11 +111,8 @@ def shared_input_groups(model: nn.Module, run: Callable[[], Any],
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in candidates.items()]
     try:
-        with torch.inference_mode():
-            run()
+        probe(run, handles)
     finally:
-        for h in handles:
-            h.remove()
         previous[0] = None
     times = Counter(name for name, _ in calls)
     groups: list[list[str]] = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.runtime.fusion import FusedMember, FusedSiblings
+from quantkit.runtime.fusion import FusedMember, FusedSiblings, probe
 
 # activation name (the kernel's) -> the torch function the eager module computes
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -99,7 +99,7 @@ def gated_mlp_sites(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[
     handles = []
 
     def watch(name: str, group: FusedSiblings, downs: list[str]) -> None:
-        parent = model.get_submodule(name) if name else model
+        parent = model.get_submodule(name)
         st = state[name]
 
         def before(module, args, kwargs):
@@ -146,12 +146,7 @@ def gated_mlp_sites(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[
 
     for name, (group, downs) in pairs.items():
         watch(name, group, downs)
-    try:
-        with torch.inference_mode():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    probe(run, handles)
     sites = []
     for name, st in state.items():
         if st["ok"] and st.get("site"):

@@ -223,6 +223,19 @@ def test_gated_act_quant_kernel_gives_the_eager_bytes(act, dtype):
         assert (got.float() - want.float()).abs().max().item() <= want.float().abs().max().item() / 8
 
 
+def test_gated_act_quant_takes_strided_and_empty_inputs():
+    pytest.importorskip("triton")
+    from quantkit.runtime import fp8_kernels  # noqa: F401
+
+    inv = torch.tensor(448 / 6.0, device="cuda")
+    gate = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16).t()  # last dimension not contiguous
+    up = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    got = torch.ops.quantkit.gated_act_quant(gate, up, inv, "silu")
+    assert torch.equal(got.view(torch.uint8), _eager_gated(gate, up, inv, "silu").view(torch.uint8))
+    empty = torch.empty(0, 64, device="cuda", dtype=torch.bfloat16)
+    assert torch.ops.quantkit.gated_act_quant(empty, empty, inv, "silu").shape == (0, 64)
+
+
 def test_gated_act_quant_saturates_and_keeps_nan():
     pytest.importorskip("triton")
     from quantkit.runtime import fp8_kernels  # noqa: F401

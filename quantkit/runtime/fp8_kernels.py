@@ -25,7 +25,6 @@ except ImportError:  # CPU builds of torch come without Triton
 
 AVAILABLE = triton is not None
 
-FP8_MAX = 448.0
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the kernel's ACT: an index into this
 _BLOCK = 2048  # columns per program: one row-tile of 2 KiB of FP8 out (best of 512..4096 on the H200)
 

@@ -336,11 +336,10 @@ class TorchFP8Runner:
     With fuse (default), the first batch is also a probe: FP8 linears that read one tensor (q/k/v,
     gate/up) are joined into one GEMM each (quantkit/runtime/fusion.py), and with fuse_mlp (default)
     each gated MLP then runs act(gate) · up and its FP8 quantization in one kernel
-    (quantkit/runtime/gated_mlp.py). With compile (default) the
-    repeated blocks are then torch.compile'd, which fuses each layer's input quantization into the op
-    before it. Attention matmuls that the recipe quantized stay ModelOpt
-    fake-quant (correct numerics, no speed-up); recipes meant for this runtime leave attention to the
-    SDPA kernel. Floating inputs are cast to the model's dtype.
+    (quantkit/runtime/gated_mlp.py). With compile (default) the repeated blocks are then
+    torch.compile'd, which fuses each layer's input quantization into the op before it. Attention
+    matmuls that the recipe quantized stay ModelOpt fake-quant (correct numerics, no speed-up); recipes
+    meant for this runtime leave attention to the SDPA kernel. Floating inputs are cast to the model's dtype.
     """
 
     name = "torch-fp8"
@@ -379,7 +378,6 @@ class TorchFP8Runner:
         """Join FP8 linears that read one tensor into one GEMM each, found by one eager forward of
         `inputs`; returns the fused groups. Must come before compile (the graphs would be traced twice)."""
         from quantkit.runtime.fusion import fuse_shared_input_linears
-
         from quantkit.runtime.gated_mlp import fuse_gated_mlps
 
         if self.fused is None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from quantkit import eager_masks, multihead
-from quantkit.attention_math import ROLES, ROUTED_FLAG, SOFTMAX_FLAG, explicit_sdpa, fp32_softmax
+from quantkit.attention_math import ATTENTION_KERNEL, ROLES, ROUTED_FLAG, SOFTMAX_FLAG, explicit_sdpa, fp32_softmax
 from quantkit.attention_math import (MatmulRouter, any_active, bmm_quantizers, needs_explicit, tensor_fp32_softmax,
                                      torch_bmm, torch_sdpa)
 from quantkit.compat import modelopt as modelopt_compat
@@ -122,10 +122,17 @@ def quantkit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     if not needs_explicit(module, query):
         fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
+    # The sdpa mask is skipped for plain causal attention (the kernel's is_causal does it); eager needs it.
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    kernel = getattr(module, ATTENTION_KERNEL, None)
+    if kernel is not None and not args:
+        # a runtime's quantized attention kernel (quantkit.runtime.fp8_attention), where it applies
+        causal = attention_mask is None and original == "sdpa" and query.shape[2] > 1 and is_causal
+        out = kernel(module, query, key, value, attention_mask, causal, kwargs)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     if attention_mask is None and original == "sdpa" and query.shape[2] > 1:
-        # The sdpa mask is skipped for plain causal attention (the kernel's is_causal does it); eager needs it.
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         if is_causal:
             attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
                                         device=query.device).tril()[None, None]

@@ -17,6 +17,8 @@ from torch import nn
 ROLES = ("q", "k", "v", "p")
 SOFTMAX_FLAG = "_quantkit_softmax_fp32"  # instance attribute: compute this attention's softmax in FP32
 ROUTED_FLAG = "_quantkit_routed"  # class attribute of the classes quantkit swaps in: "sdpa" | "eager" | "mha"
+# instance attribute a runtime may set: (module, q, k, v, mask, is_causal, kwargs) -> output or None (not taken)
+ATTENTION_KERNEL = "_quantkit_attention_kernel"
 
 # The originals, taken before anything patches them.
 torch_matmul = torch.matmul

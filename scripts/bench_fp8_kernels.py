@@ -7,11 +7,14 @@
   against the same eager ops compiled by Inductor (one fused kernel too) and against the BF16 SiLU·mul
   that the BF16 model runs, at M = 2048 and 16384 tokens, FFN 16384 (the halves of a fused gate/up
   output): ms, GB/s, and the share of FP8 bytes equal to the eager ops' bytes.
-- An FP8 flash-attention forward written in Triton here (Q·Kᵀ and P·V on the FP8 tensor cores, P
-  quantized unnormalized with scale 1/448, FP32 softmax statistics; a tile-size sweep) against PyTorch's
-  BF16 SDPA at 8 heads × 256, one KV head, causal, 2048 tokens, batch 8 and 1: ms, TFLOPS and the
-  cosine against FP32 attention. It is an experiment, not part of the runtime: it did not beat
-  the BF16 kernel on an H200 (BENCHMARKS.md), so the runtime leaves attention to SDPA.
+- An experiment, not part of the runtime: the gate/up GEMM with that kernel's arithmetic in its epilogue,
+  written in Triton here, against FP8Linear's cuBLAS GEMM followed by gated_act_quant, at M = 256, 2048
+  and 16384, K 2048, FFN 16384, with a tile sweep: ms, TFLOPS, bytes equal to the two-kernel path.
+  On an H200 Triton's GEMM ran at ~980 TFLOPS against cuBLAS's ~1340, so the two kernels win (BENCHMARKS.md).
+- The runtime's FP8 flash-attention kernel (fp8_kernels.fp8_attention: Q·Kᵀ and P·V on the FP8 tensor
+  cores, P quantized unnormalized with scale 1/448, FP32 softmax statistics) over a tile sweep, against
+  PyTorch's BF16 SDPA at 8 heads × 256, one KV head, causal, 2048 tokens, batch 8 and 1: ms, TFLOPS and
+  the cosine against FP32 attention.
 Timings: CUDA events around 30 back-to-back calls, median of 3 repeats.
 """
 
@@ -82,66 +85,178 @@ def gated_rows(ffn: int = 16384) -> list[dict]:
     return rows
 
 
-def attention_kernel():
+def gated_gemm_kernel():
+    """An experiment, not part of the runtime: the gate/up GEMM with gated_act_quant's arithmetic in its
+    epilogue, in Triton (two accumulators per tile, the gate's and the up's columns). Returns its launcher
+    (x8, w8, x_scale, w_scale, bias, inv_scale, act, gate_index, out_dtype, config)."""
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
+
+    from quantkit.runtime.fp8_kernels import ACTIVATIONS
 
     @triton.jit
-    def fp8_attention_fwd(Q, K, V, Out, qk_scale_ptr, out_scale_ptr, stride_qb, stride_qh, stride_qm,
-                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_vd,
-                          stride_ob, stride_oh, stride_om, heads, group, q_len, kv_len,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # causal, queries aligned with the keys (q_len == kv_len)
-        start_m, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
-        qk_scale, out_scale = tl.load(qk_scale_ptr), tl.load(out_scale_ptr)
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=offs_m[:, None] < q_len, other=0.0)
-        k_base = K + b.to(tl.int64) * stride_kb + (h // group) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + (h // group) * stride_vh
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        hi = tl.minimum((start_m + 1) * BLOCK_M, kv_len)
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < kv_len, other=0.0)
-            s = tl.dot(q, kt) * qk_scale
-            s = tl.where((cols[None, :] < kv_len) & (offs_m[:, None] >= cols[None, :]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=cols[:, None] < kv_len, other=0.0)
-            acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
-            m_i = m_new
-        out = acc * (out_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
-        tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
+    def _gated_gemm_quant_kernel(X, W, Out, x_scale_ptr, w_scale_ptr, bias_ptr, inv_scale_ptr,
+                                 M, F, K, stride_xm, stride_wn, gate_row, up_row,
+                                 ACT: tl.constexpr, W_SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 OUT_FP16: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # One (BLOCK_M, BLOCK_N) tile of act(gate) * up: two accumulators, x times the gate rows and
+        # times the up rows of W at the same columns, so both halves of the tile are in registers.
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N)
+        group = GROUP_M * num_n  # tiles of GROUP_M row-blocks run together: their W columns stay in L2
+        first_m = (pid // group) * GROUP_M
+        rows_here = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % rows_here
+        pid_n = (pid % group) // rows_here
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows_x = (offs_m % M).to(tl.int64)  # out-of-range rows and columns read valid memory, are not stored
+        cols_w = offs_n % F
+        x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :]
+        g_ptrs = W + (gate_row + cols_w).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        u_ptrs = W + (up_row + cols_w).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                g = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                u = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_g = tl.dot(x, g, acc_g)
+            acc_u = tl.dot(x, u, acc_u)
+            x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        # The epilogue: what FP8Linear's GEMM gives (acc times both scales, plus the bias, rounded to the
+        # model's dtype), then gated_act_quant's arithmetic on it, roundings included.
+        x_scale = tl.load(x_scale_ptr)
+        if W_SCALE_ROWS:
+            g = acc_g * x_scale * tl.load(w_scale_ptr + gate_row + cols_w)[None, :]
+            u = acc_u * x_scale * tl.load(w_scale_ptr + up_row + cols_w)[None, :]
+        else:
+            g = acc_g * x_scale * tl.load(w_scale_ptr)
+            u = acc_u * x_scale * tl.load(w_scale_ptr)
+        if HAS_BIAS:
+            g += tl.load(bias_ptr + gate_row + cols_w).to(tl.float32)[None, :]
+            u += tl.load(bias_ptr + up_row + cols_w).to(tl.float32)[None, :]
+        dtype = tl.float16 if OUT_FP16 else tl.bfloat16
+        g = g.to(dtype).to(tl.float32)
+        u = u.to(dtype).to(tl.float32)
+        if ACT == 1:
+            a = 0.5 * g * (1.0 + libdevice.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+        elif ACT == 2:
+            a = 0.5 * g * (1.0 + libdevice.erf(g * 0.7071067811865476))
+        else:
+            a = g / (1.0 + tl.exp(-g))
+        a = a.to(dtype).to(tl.float32)
+        h = (a * u).to(dtype).to(tl.float32)
+        y = tl.clamp(h * tl.load(inv_scale_ptr), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        out_ptrs = Out + offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
+        tl.store(out_ptrs, y.to(tl.float8e4nv), mask=(offs_m[:, None] < M) & (offs_n[None, :] < F))
 
-    def run(q8, k8, v8, sq, sk, sv, block_m, block_n, warps, stages):
-        batch, heads, n, d = q8.shape
-        qk_scale = (sq * sk * (1.4426950408889634 / math.sqrt(d))).reshape(1)
-        out_scale = (sv / 448.0).reshape(1)
-        out = torch.empty(batch, heads, n, d, dtype=torch.bfloat16, device=q8.device)
-        fp8_attention_fwd[(triton.cdiv(n, block_m), batch * heads)](
-            q8, k8, v8, out, qk_scale, out_scale, *q8.stride()[:3], *k8.stride()[:3], *v8.stride(),
-            *out.stride()[:3], heads, heads // k8.shape[1], n, n, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages)
+    def launch_gated_gemm_quant(x8, w8, x_scale, w_scale, bias, inv_scale, act, gate_index, out_dtype, config):
+        """act(gate) · up quantized, of x8 (M, K) times the joined (2F, K) weight w8 (half gate_index the
+        gate's): (M, F) float8_e4m3fn."""
+        rows, k = x8.shape
+        f = w8.shape[0] // 2
+        out = torch.empty((rows, f), dtype=torch.float8_e4m3fn, device=x8.device)
+        if out.numel() == 0:
+            return out
+        c = dict(config)
+        warps, stages = c.pop("num_warps"), c.pop("num_stages")
+        grid = (triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(f, c["BLOCK_N"]),)
+        _gated_gemm_quant_kernel[grid](
+            x8, w8, out, x_scale, w_scale, w_scale if bias is None else bias, inv_scale, rows, f, k,
+            x8.stride(0), w8.stride(0), gate_index * f, (1 - gate_index) * f, ACT=ACTIVATIONS.index(act),
+            W_SCALE_ROWS=w_scale.numel() > 1, HAS_BIAS=bias is not None, OUT_FP16=out_dtype == torch.float16,
+            EVEN_K=k % c["BLOCK_K"] == 0, num_warps=warps, num_stages=stages, **c)
         return out
 
-    return run
+    return launch_gated_gemm_quant
+
+
+# the fused gate/up kernel's tile sweep: BLOCK_M, BLOCK_N (per half), BLOCK_K, GROUP_M, warps, stages
+GEMM_SWEEP = [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 64, 8, 8, 4), (128, 64, 128, 8, 4, 4),
+              (128, 64, 128, 8, 8, 4), (64, 128, 128, 8, 4, 4), (256, 64, 128, 8, 8, 3), (128, 128, 128, 8, 4, 3),
+              (128, 128, 128, 16, 8, 3), (64, 64, 128, 8, 4, 5)]
+
+
+def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384, sweep: bool = True) -> list[dict]:
+    """The gate/up GEMM and gated_act_quant in one kernel (gated_gemm_quant) against the two kernels the
+    runtime runs otherwise (FP8Linear's cuBLAS row-wise GEMM, then gated_act_quant) and the BF16 GEMM +
+    Inductor's SiLU·mul, at the bench decoder's gate/up shape; with a tile sweep of the fused kernel."""
+    from quantkit.runtime import fp8_kernels  # noqa: F401  (registers torch.ops.quantkit.gated_act_quant)
+    from quantkit.runtime.torch_fp8 import FP8Linear
+
+    launch = gated_gemm_kernel()
+    default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(2 * ffn, hidden, device="cuda", generator=g) * 0.02
+    halves = [FP8Linear.from_amax(h, h.abs().amax(), torch.tensor(4.0, device="cuda")) for h in w.split(ffn)]
+    gate_up = FP8Linear.concat(halves)
+    w_bf16 = w.to(torch.bfloat16)
+    inv = torch.tensor(448 / 0.02, device="cuda")
+    silu_mul = torch.compile(lambda pair: F.silu(pair[:, :ffn]) * pair[:, ffn:])
+    rows = []
+    for m in (256, 2048, 16384):
+        x = torch.randn(m, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        x8 = gate_up.quantize_input(x)
+
+        def unfused():
+            gate, up = gate_up.matmul_fp8(x8, torch.bfloat16).split(ffn, dim=-1)
+            return torch.ops.quantkit.gated_act_quant(gate, up, inv, "silu")
+
+        def fused(config=default):
+            return launch(x8, gate_up.weight, gate_up.input_scale, gate_up.weight_scale, None, inv, "silu", 0,
+                          torch.bfloat16, config)
+
+        want = unfused()
+        got = fused().float()
+        step = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2 ** -6))) - 3)
+        flops = 2 * m * hidden * 2 * ffn
+        row = {"m": m, "k": hidden, "ffn": ffn, "default_config": default,
+               "bytes_equal_to_unfused": round((got.to(torch.float8_e4m3fn).view(torch.uint8)
+                                               == want.view(torch.uint8)).float().mean().item(), 6),
+               "max_diff_fp8_steps": round(((got - want.float()).abs() / step).max().item(), 3)}
+        for name, fn in (("unfused_cublas_plus_kernel", unfused), ("fused_default", fused),
+                         ("bf16_gemm_plus_silu_mul", lambda: silu_mul(x @ w_bf16.t()))):
+            ms = bench_ms(fn)
+            row[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+        if sweep:
+            row["sweep"] = []
+            for bm, bn, bk, gm, warps, stages in GEMM_SWEEP:
+                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+                try:
+                    ms = bench_ms(lambda: fused(config))
+                    row["sweep"].append({**config, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+                except Exception as e:  # a configuration that does not fit (shared memory, registers)
+                    row["sweep"].append({**config, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            best = min((r for r in row["sweep"] if "ms" in r), key=lambda r: r["ms"], default=None)
+            row["best"] = best
+        row["fused_over_unfused"] = round(row["unfused_cublas_plus_kernel"]["ms"] / row["fused_default"]["ms"], 3)
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
+        del x, x8, want, got
+    return rows
 
 
 def attention_rows() -> list[dict]:
+    from quantkit.runtime import fp8_kernels
     from quantkit.runtime.torch_fp8 import quantize_e4m3
 
-    run = attention_kernel()
+    def run(q8, k8, v8, sq, sk, sv, block_m, block_n, warps, stages):
+        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        return fp8_kernels.launch_fp8_attention(q8, k8, v8, sq, sk, sv, True, q8.shape[-1] ** -0.5, torch.bfloat16,
+                                                config)
+
     rows = []
     for batch in (8, 1):
         heads, kv_heads, n, d = 8, 1, 2048, 256
@@ -172,6 +287,8 @@ def attention_rows() -> list[dict]:
                                                                   "tflops": round(flops / ms / 1e9, 1),
                                                                   "cosine": cos(fn())}
         best = min(row["triton_fp8"].items(), key=lambda kv: kv[1]["ms"])
+        c = fp8_kernels.ATTENTION_CONFIG
+        row["runtime_config"] = f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
         row["best_triton_fp8"] = best[0]
         row["sdpa_over_best_triton_fp8"] = round(row["sdpa_bf16"]["ms"] / best[1]["ms"], 3)
         rows.append(row)
@@ -182,12 +299,18 @@ def attention_rows() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--only", choices=["gated", "gemm", "attention"], nargs="+",
+                        default=["gated", "gemm", "attention"], help="which kernels")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8_kernels: needs a CUDA GPU (and Triton)", file=sys.stderr)
         return 2
     report = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-              "torch": torch.__version__, "gated_act_quant": gated_rows(), "attention": attention_rows()}
+              "torch": torch.__version__}
+    for key, name, rows in (("gated", "gated_act_quant", gated_rows), ("gemm", "gated_gemm_quant", gated_gemm_rows),
+                            ("attention", "attention", attention_rows)):
+        if key in args.only:
+            report[name] = rows()
     import triton
 
     report["triton"] = triton.__version__

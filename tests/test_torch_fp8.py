@@ -488,3 +488,65 @@ def test_transformers_llama_mlps_are_found():
     assert [(s.name, s.down, s.act) for s in runner.gated_mlps] == [
         (f"model.layers.{i}.mlp", "down_proj", "silu") for i in (0, 1)]
     assert torch.equal(got, plain.run({"input_ids": ids[1]})["logits"])
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 attention (quantkit/runtime/fp8_attention.py): where it is switched on, and what it is handed
+
+
+def _llama_quantized(recipe: str):
+    import quantkit
+    from quantkit.calib import builtin_set
+    from quantkit.models import load_model
+
+    llama = load_model("llama-tiny")
+    return quantkit.quantize(llama, recipe, calibration=builtin_set(llama).subset(range(6)), per_layer=False,
+                             device="cpu")
+
+
+def test_fp8_attention_takes_the_fp8_recipes_attention_with_the_call_as_the_model_makes_it():
+    """Under `fp8` (Q, K, V, P in FP8) every attention gets the kernel call; on the CPU it declines
+    (no Triton, no CUDA) and the fake-quant path gives the same bytes as without it."""
+    from quantkit.attention_math import ATTENTION_KERNEL
+    from quantkit.runtime.fp8_attention import FP8AttentionCall
+
+    with _llama_quantized("fp8") as qm:
+        plain = TorchFP8Runner(dataclasses.replace(qm.loaded, model=copy.deepcopy(qm.model)), compile=False,
+                               device="cpu", fp8_attention=False)
+        runner = TorchFP8Runner(qm.loaded, compile=False, device="cpu")
+        names = [f"model.layers.{i}.self_attn" for i in range(4)]
+        assert runner.fp8_attention == names and plain.fp8_attention == []
+        seen = []
+        for name in names:
+            module = qm.model.get_submodule(name)
+            call = getattr(module, ATTENTION_KERNEL)
+            assert isinstance(call, FP8AttentionCall)
+
+            def spy(module, q, k, v, mask, causal, kwargs, call=call):
+                seen.append((tuple(q.shape), tuple(k.shape), mask is None, causal, kwargs.get("scaling")))
+                return call(module, q, k, v, mask, causal, kwargs)
+
+            setattr(module, ATTENTION_KERNEL, spy)
+        ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37]])
+        runner.fuse({"input_ids": ids})  # the probe forwards of the first batch
+        seen.clear()
+        got = runner.run({"input_ids": ids})["logits"]
+        # llama-tiny: 8 heads and 4 KV heads of 32; plain causal attention, so no mask is materialized
+        assert seen == [((1, 8, 10, 32), (1, 4, 10, 32), True, True, 32 ** -0.5)] * 4
+        assert all(getattr(qm.model.get_submodule(n), ATTENTION_KERNEL) is not None for n in names)
+        assert torch.equal(got, plain.run({"input_ids": ids})["logits"])
+        # a padded batch brings a mask: the kernel is handed it and declines
+        seen.clear()
+        runner.run({"input_ids": torch.cat([ids, ids]), "attention_mask": torch.tensor([[1] * 10, [1] * 7 + [0] * 3])})
+        assert [s[2] for s in seen] == [False] * 4
+
+
+def test_fp8_attention_is_off_where_the_recipe_leaves_attention_alone():
+    from quantkit.runtime.fp8_attention import fp8_attention_reason
+
+    with _llama_quantized("fp8") as qm:
+        attn = qm.model.model.layers[0].self_attn
+        assert fp8_attention_reason(attn) is None
+        attn.p_bmm_quantizer.disable()
+        assert fp8_attention_reason(attn) == "p_bmm quantizer disabled"
+        assert fp8_attention_reason(qm.model.model.layers[0].mlp) == "no attention quantizers"

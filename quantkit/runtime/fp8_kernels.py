@@ -1,5 +1,12 @@
 """Triton kernels of the FP8 runtime, registered as torch custom ops so that torch.compile keeps them.
 
+`torch.ops.quantkit.fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, causal, sm_scale)`: flash
+attention whose two matmuls run on the FP8 tensor cores (Q, K, V already quantized with their static
+scales; FP32 softmax statistics; P quantized to FP8 before P·V). P is quantized *unnormalized*: each
+row's running maximum maps to 1, so its range is exactly [0, 1] and its scale is fixed at 1/448 (the
+calibrated amax of the normalized P is not needed), and the division by the row sum comes after, in
+FP32, as fused FP8 attention kernels do.
+
 `torch.ops.quantkit.gated_act_quant(gate, up, inv_scale, act)`: act(gate) · up quantized to
 float8_e4m3fn in one pass: the input of a gated MLP's FP8 down projection (SwiGLU: act "silu";
 GeGLU: "gelu_tanh" as Gemma's, or "gelu"). Inductor fuses the same ops into one kernel too, but its
@@ -27,6 +34,8 @@ AVAILABLE = triton is not None
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the kernel's ACT: an index into this
 _BLOCK = 2048  # columns per program: one row-tile of 2 KiB of FP8 out (best of 512..4096 on the H200)
+# the attention kernel's tiles: the best of 16 configurations at head dim 256 on an H200
+ATTENTION_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 if AVAILABLE:
@@ -68,3 +77,84 @@ if AVAILABLE:
             gate, up, out, inv_scale, cols, gate.stride(0), up.stride(0), ACT=ACTIVATIONS.index(act),
             BLOCK=_BLOCK, num_warps=4)
         return out
+
+    @triton.jit
+    def _fp8_attention_kernel(Q, K, V, Out, qk_scale_ptr, out_scale_ptr,
+                              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om,
+                              heads, group, q_len, kv_len,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              CAUSAL: tl.constexpr):
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // heads).to(tl.int64)
+        h = bh % heads
+        qk_scale = tl.load(qk_scale_ptr)  # q_scale · k_scale · sm_scale · log2(e): scores in the exp2 domain
+        out_scale = tl.load(out_scale_ptr)  # v_scale / 448: P's and V's dequantization
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=offs_m[:, None] < q_len, other=0.0)
+        k_base = K + b * stride_kb + (h // group) * stride_kh
+        v_base = V + b * stride_vb + (h // group) * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        hi = tl.minimum((start_m + 1) * BLOCK_M, kv_len) if CAUSAL else kv_len  # causal: q_len == kv_len
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < kv_len,
+                         other=0.0)
+            s = tl.dot(q, kt) * qk_scale
+            valid = cols[None, :] < kv_len
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= cols[None, :])
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0, not NaN
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=cols[:, None] < kv_len, other=0.0)
+            acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+            m_i = m_new
+        out = acc * (out_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
+
+    def launch_fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, causal, sm_scale, out_dtype, config=None):
+        """The attention kernel on (batch, heads, len, head_dim) operands whose last dimension (V: its
+        len dimension) is contiguous; `config` overrides ATTENTION_CONFIG (benchmarks)."""
+        c = dict(ATTENTION_CONFIG if config is None else config)
+        batch, heads, q_len, head_dim = q8.shape
+        kv_heads, kv_len = k8.shape[1], k8.shape[2]
+        qk_scale = (q_scale.float() * k_scale.float() * (sm_scale * 1.4426950408889634)).reshape(1)
+        out_scale = (v_scale.float() / 448.0).reshape(1)
+        out = torch.empty((batch, heads, q_len, head_dim), dtype=out_dtype, device=q8.device)
+        if out.numel() == 0:
+            return out
+        grid = (triton.cdiv(q_len, c["BLOCK_M"]), batch * heads)
+        torch.library.wrap_triton(_fp8_attention_kernel)[grid](
+            q8, k8, v8, out, qk_scale, out_scale, q8.stride(0), q8.stride(1), q8.stride(2),
+            k8.stride(0), k8.stride(1), k8.stride(2), v8.stride(0), v8.stride(1), v8.stride(2), v8.stride(3),
+            out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, q_len, kv_len,
+            HEAD_DIM=head_dim, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], CAUSAL=causal,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+        return out
+
+    @torch.library.triton_op("quantkit::fp8_attention", mutates_args=())
+    def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_scale: torch.Tensor,
+                      k_scale: torch.Tensor, v_scale: torch.Tensor, causal: bool, sm_scale: float,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+        """softmax(q kᵀ · sm_scale) v of float8_e4m3fn (batch, heads, len, head_dim) q8 and (batch,
+        kv_heads, kv_len, head_dim) k8, v8 (kv_heads dividing heads), their dequantization scales FP32
+        scalars (amax / 448); v8 best made with its len dimension contiguous (else it is copied so).
+        Causal needs len == kv_len. Returns (batch, heads, len, head_dim) in out_dtype."""
+        if v8.stride(-2) != 1:  # P·V's FP8 operand must be K-major: V with its length dimension contiguous
+            v8 = v8.transpose(-1, -2).contiguous().transpose(-1, -2)
+        q8 = q8 if q8.stride(-1) == 1 else q8.contiguous()
+        k8 = k8 if k8.stride(-1) == 1 else k8.contiguous()
+        return launch_fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, causal, sm_scale, out_dtype)

@@ -14,13 +14,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from quantkit.compat.modelopt import uses_constant_amax
 from quantkit.errors import InputError
 from quantkit.model_structure import repeated_blocks
+from quantkit.runtime.fp8_format import (FP8_DTYPE, FP8_MAX, fp8_per_tensor_reason, quantize_e4m3,  # noqa: F401
+                                         quantizer_amax, safe_amax)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn; ModelOpt's maxbound for num_bits (4, 3)
-_AMAX_EPS = 1.0 / (1 << 24)  # ModelOpt treats amax below this as 0 and uses scale 1 (tensor_quant._fp8_eager)
 _GEMM_ALIGN = 16  # torch._scaled_mm: K and N must be multiples of 16 (ScaledBlas.cpp)
 _SCALED_MM_OUT = (torch.bfloat16, torch.float16)  # output dtypes _scaled_mm can add a bias in
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (SM89) and Hopper (SM90) and later have FP8 tensor cores
@@ -51,19 +49,6 @@ def _rowwise_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (9, 0)
     return CPU_SCALED_MM_ROWWISE
-
-
-def quantize_e4m3(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
-    """x * (448 / amax) saturated to ±448, then cast: the same arithmetic as ModelOpt's FP8 fake quant.
-
-    The clamp comes first because a cast of a value beyond ±448 to float8_e4m3fn is not saturating
-    on every backend (NaN on CUDA); NaN inputs stay NaN."""
-    return (x.float() * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-def _safe_amax(amax: torch.Tensor) -> torch.Tensor:
-    amax = amax.detach().float().reshape(())
-    return torch.where(amax <= _AMAX_EPS, torch.ones_like(amax), amax)
 
 
 def fp8_matmul_reference(x_fp8: torch.Tensor, w_fp8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
@@ -114,7 +99,7 @@ class FP8Linear(nn.Module):
     def from_amax(cls, weight: torch.Tensor, weight_amax: torch.Tensor, input_amax: torch.Tensor,
                   bias: torch.Tensor | None = None, use_fast_accum: bool = True) -> "FP8Linear":
         """Quantize a (out, in) weight with its calibrated amax, exactly as ModelOpt's FP8 fake quant does."""
-        w_amax, x_amax = _safe_amax(weight_amax), _safe_amax(input_amax)
+        w_amax, x_amax = safe_amax(weight_amax), safe_amax(input_amax)
         weight_fp8 = quantize_e4m3(weight.detach(), (FP8_MAX / w_amax).to(weight.device))
         # 448 / amax, not 1 / (amax / 448): the multiplier ModelOpt's fake quant uses, to the last bit.
         return cls(weight_fp8, w_amax / FP8_MAX, x_amax / FP8_MAX, bias, use_fast_accum,
@@ -204,40 +189,6 @@ class FP8Linear(nn.Module):
 # Conversion of a ModelOpt-quantized model
 
 
-def _fp8_per_tensor_reason(q: Any, role: str) -> str | None:
-    """Why this TensorQuantizer is not a static per-tensor E4M3 quantizer (None when it is)."""
-    if q is None:
-        return f"no {role} quantizer"
-    if not getattr(q, "is_enabled", False):
-        return f"{role} quantizer disabled"
-    if getattr(q, "num_bits", None) != (4, 3):
-        return f"{role} quantizer is num_bits {getattr(q, 'num_bits', None)}, not FP8 E4M3 (4, 3)"
-    if getattr(q, "block_sizes", None):
-        return f"{role} quantizer is block-quantized"
-    if getattr(q, "pre_quant_scale", None) is not None:
-        return f"{role} quantizer has a pre_quant_scale (SmoothQuant/AWQ)"
-    if getattr(q, "bias", None) is not None:
-        return f"{role} quantizer is affine (has a bias)"
-    if getattr(q, "rotate_is_enabled", False):
-        return f"{role} quantizer rotates its input"
-    if uses_constant_amax(q):
-        return None
-    amax = getattr(q, "amax", None)
-    if amax is None:
-        return f"{role} quantizer has no calibrated amax"
-    if amax.numel() != 1:
-        return f"{role} quantizer is per-channel ({amax.numel()} scales); the FP8 GEMM here is per-tensor"
-    if not torch.isfinite(amax).all():
-        return f"{role} quantizer amax is not finite"
-    return None
-
-
-def _amax(q: Any) -> torch.Tensor:
-    if uses_constant_amax(q):
-        return torch.tensor(FP8_MAX)
-    return q.amax
-
-
 def fp8_conversion_reason(module: nn.Module) -> str | None:
     """Why `module` cannot become an FP8Linear (None when it can)."""
     if not isinstance(module, nn.Linear):
@@ -245,7 +196,7 @@ def fp8_conversion_reason(module: nn.Module) -> str | None:
     if getattr(module, "weight_quantizer", None) is None and getattr(module, "input_quantizer", None) is None:
         return "not quantized (no ModelOpt quantizers)"
     for role in ("weight", "input"):
-        reason = _fp8_per_tensor_reason(getattr(module, f"{role}_quantizer", None), role)
+        reason = fp8_per_tensor_reason(getattr(module, f"{role}_quantizer", None), role)
         if reason:
             return reason
     out_q = getattr(module, "output_quantizer", None)
@@ -279,8 +230,8 @@ def convert_to_fp8(model: nn.Module, use_fast_accum: bool = True) -> int:
         if reason is not None or not name:
             continue
         module = model.get_submodule(name)
-        new = FP8Linear.from_amax(module.weight, _amax(module.weight_quantizer), _amax(module.input_quantizer),
-                                  module.bias, use_fast_accum=use_fast_accum)
+        new = FP8Linear.from_amax(module.weight, quantizer_amax(module.weight_quantizer),
+                                  quantizer_amax(module.input_quantizer), module.bias, use_fast_accum=use_fast_accum)
         model.set_submodule(name, new.to(module.weight.device))
         count += 1
     return count
@@ -338,15 +289,17 @@ class TorchFP8Runner:
     each gated MLP then runs act(gate) · up and its FP8 quantization in one kernel
     (quantkit/runtime/gated_mlp.py). With compile (default) the repeated blocks are then
     torch.compile'd, which fuses each layer's input quantization into the op before it. Attention
-    matmuls that the recipe quantized stay ModelOpt fake-quant (correct numerics, no speed-up); recipes
-    meant for this runtime leave attention to the SDPA kernel. Floating inputs are cast to the model's dtype.
+    whose Q, K, V and P the recipe quantized to FP8 runs in an FP8 flash-attention kernel on CUDA with
+    fp8_attention (default; quantkit/runtime/fp8_attention.py says where it applies), else as ModelOpt
+    fake quant (correct numerics, no speed-up); unquantized attention stays with the SDPA kernel.
+    Floating inputs are cast to the model's dtype.
     """
 
     name = "torch-fp8"
 
     def __init__(self, loaded, compile: bool = True, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, use_fast_accum: bool = True, regional: bool = True,
-                 fuse: bool = True, fuse_mlp: bool = True):
+                 fuse: bool = True, fuse_mlp: bool = True, fp8_attention: bool = True):
         self.loaded = loaded
         model = loaded.model
         if device is None:
@@ -367,6 +320,12 @@ class TorchFP8Runner:
                              f"({'; '.join(reasons[:3]) or 'no ModelOpt-quantized Linear layers'}); quantize it with an "
                              "FP8 recipe (e.g. --recipe fp8) first")
         self.skipped = [(n, r) for n, r in fp8_conversion_plan(model) if r]
+        # attention modules whose Q·Kᵀ and P·V run in the FP8 attention kernel where a call allows it
+        self.fp8_attention: list[str] = []
+        if fp8_attention:
+            from quantkit.runtime.fp8_attention import enable_fp8_attention
+
+            self.fp8_attention = enable_fp8_attention(model)
         self.model: nn.Module = model
         self.fused: list[list[str]] | None = None if fuse else []
         self.fuse_mlp = fuse and fuse_mlp

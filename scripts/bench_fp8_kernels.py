@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from quantkit.runtime import fp8_kernels  # noqa: E402  (the kernels below call its Triton helpers)
+
 
 def bench_ms(fn, iters: int = 30) -> float:
     for _ in range(3):
@@ -50,7 +52,6 @@ def bench_ms(fn, iters: int = 30) -> float:
 
 
 def gated_rows(ffn: int = 16384) -> list[dict]:
-    from quantkit.runtime import fp8_kernels  # noqa: F401  (registers torch.ops.quantkit.gated_act_quant)
     from quantkit.runtime.torch_fp8 import quantize_e4m3
 
     def eager(pair, inv):
@@ -91,9 +92,8 @@ def gated_gemm_kernel():
     (x8, w8, x_scale, w_scale, bias, inv_scale, act, gate_index, out_dtype, config)."""
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
 
-    from quantkit.runtime.fp8_kernels import ACTIVATIONS
+    ACTIVATIONS = fp8_kernels.ACTIVATIONS
 
     @triton.jit
     def _gated_gemm_quant_kernel(X, W, Out, x_scale_ptr, w_scale_ptr, bias_ptr, inv_scale_ptr,
@@ -148,16 +148,7 @@ def gated_gemm_kernel():
             g += tl.load(bias_ptr + gate_row + cols_w).to(tl.float32)[None, :]
             u += tl.load(bias_ptr + up_row + cols_w).to(tl.float32)[None, :]
         dtype = tl.float16 if OUT_FP16 else tl.bfloat16
-        g = g.to(dtype).to(tl.float32)
-        u = u.to(dtype).to(tl.float32)
-        if ACT == 1:
-            a = 0.5 * g * (1.0 + libdevice.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-        elif ACT == 2:
-            a = 0.5 * g * (1.0 + libdevice.erf(g * 0.7071067811865476))
-        else:
-            a = g / (1.0 + tl.exp(-g))
-        a = a.to(dtype).to(tl.float32)
-        h = (a * u).to(dtype).to(tl.float32)
+        h = fp8_kernels.gated_act(g.to(dtype).to(tl.float32), u.to(dtype).to(tl.float32), ACT, dtype)
         y = tl.clamp(h * tl.load(inv_scale_ptr), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         out_ptrs = Out + offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
         tl.store(out_ptrs, y.to(tl.float8e4nv), mask=(offs_m[:, None] < M) & (offs_n[None, :] < F))
@@ -193,7 +184,6 @@ def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384, sweep: bool = True) ->
     """The gate/up GEMM and gated_act_quant in one kernel (gated_gemm_quant) against the two kernels the
     runtime runs otherwise (FP8Linear's cuBLAS row-wise GEMM, then gated_act_quant) and the BF16 GEMM +
     Inductor's SiLU·mul, at the bench decoder's gate/up shape; with a tile sweep of the fused kernel."""
-    from quantkit.runtime import fp8_kernels  # noqa: F401  (registers torch.ops.quantkit.gated_act_quant)
     from quantkit.runtime.torch_fp8 import FP8Linear
 
     launch = gated_gemm_kernel()
@@ -249,7 +239,6 @@ def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384, sweep: bool = True) ->
 
 
 def attention_rows() -> list[dict]:
-    from quantkit.runtime import fp8_kernels
     from quantkit.runtime.torch_fp8 import quantize_e4m3
 
     def run(q8, k8, v8, sq, sk, sv, block_m, block_n, warps, stages):

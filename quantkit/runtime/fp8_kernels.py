@@ -40,6 +40,19 @@ ATTENTION_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 if AVAILABLE:
     @triton.jit
+    def gated_act(g, u, ACT: tl.constexpr, dtype: tl.constexpr):
+        """act(g) · u of FP32 g and u, with the eager module's roundings: act(g), then the product, each
+        rounded to the model's `dtype`. FP32 out."""
+        if ACT == 1:
+            a = 0.5 * g * (1.0 + libdevice.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+        elif ACT == 2:
+            a = 0.5 * g * (1.0 + libdevice.erf(g * 0.7071067811865476))
+        else:
+            a = g / (1.0 + tl.exp(-g))
+        a = a.to(dtype).to(tl.float32)
+        return (a * u).to(dtype).to(tl.float32)
+
+    @triton.jit
     def _gated_act_quant_kernel(gate_ptr, up_ptr, out_ptr, inv_scale_ptr, n_cols, stride_gate, stride_up,
                                 ACT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -47,16 +60,7 @@ if AVAILABLE:
         keep = cols < n_cols
         g = tl.load(gate_ptr + row * stride_gate + cols, mask=keep, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + row * stride_up + cols, mask=keep, other=0.0).to(tl.float32)
-        if ACT == 1:
-            a = 0.5 * g * (1.0 + libdevice.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-        elif ACT == 2:
-            a = 0.5 * g * (1.0 + libdevice.erf(g * 0.7071067811865476))
-        else:
-            a = g / (1.0 + tl.exp(-g))
-        # the eager module's roundings: act(gate), then the product, each rounded to the model's dtype
-        dtype = gate_ptr.dtype.element_ty
-        a = a.to(dtype).to(tl.float32)
-        h = (a * u).to(dtype).to(tl.float32)
+        h = gated_act(g, u, ACT, gate_ptr.dtype.element_ty)
         inv_scale = tl.load(inv_scale_ptr)
         # saturate (a cast beyond ±448 gives NaN); NaN stays NaN, as in quantize_e4m3
         y = tl.clamp(h * inv_scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)

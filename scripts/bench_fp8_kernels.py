@@ -180,7 +180,7 @@ GEMM_SWEEP = [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 64,
               (128, 128, 128, 16, 8, 3), (64, 64, 128, 8, 4, 5)]
 
 
-def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384, sweep: bool = True) -> list[dict]:
+def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384) -> list[dict]:
     """The gate/up GEMM and gated_act_quant in one kernel (gated_gemm_quant) against the two kernels the
     runtime runs otherwise (FP8Linear's cuBLAS row-wise GEMM, then gated_act_quant) and the BF16 GEMM +
     Inductor's SiLU·mul, at the bench decoder's gate/up shape; with a tile sweep of the fused kernel."""
@@ -220,17 +220,15 @@ def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384, sweep: bool = True) ->
                          ("bf16_gemm_plus_silu_mul", lambda: silu_mul(x @ w_bf16.t()))):
             ms = bench_ms(fn)
             row[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
-        if sweep:
-            row["sweep"] = []
-            for bm, bn, bk, gm, warps, stages in GEMM_SWEEP:
-                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
-                try:
-                    ms = bench_ms(lambda: fused(config))
-                    row["sweep"].append({**config, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
-                except Exception as e:  # a configuration that does not fit (shared memory, registers)
-                    row["sweep"].append({**config, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-            best = min((r for r in row["sweep"] if "ms" in r), key=lambda r: r["ms"], default=None)
-            row["best"] = best
+        row["sweep"] = []
+        for bm, bn, bk, gm, warps, stages in GEMM_SWEEP:
+            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+            try:
+                ms = bench_ms(lambda: fused(config))
+                row["sweep"].append({**config, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+            except Exception as e:  # a configuration that does not fit (shared memory, registers)
+                row["sweep"].append({**config, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+        row["best"] = min((r for r in row["sweep"] if "ms" in r), key=lambda r: r["ms"], default=None)
         row["fused_over_unfused"] = round(row["unfused_cublas_plus_kernel"]["ms"] / row["fused_default"]["ms"], 3)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "sweep"}, flush=True)

@@ -7,15 +7,15 @@
   against the same eager ops compiled by Inductor (one fused kernel too) and against the BF16 SiLU·mul
   that the BF16 model runs, at M = 2048 and 16384 tokens, FFN 16384 (the halves of a fused gate/up
   output): ms, GB/s, and the share of FP8 bytes equal to the eager ops' bytes.
-- An experiment, not part of the runtime: the gate/up GEMM with that kernel's arithmetic in its epilogue,
-  written in Triton here, against FP8Linear's cuBLAS GEMM followed by gated_act_quant, at M = 256, 2048
-  and 16384, K 2048, FFN 16384, with a tile sweep: ms, TFLOPS, bytes equal to the two-kernel path.
-  On an H200 Triton's GEMM ran at ~980 TFLOPS against cuBLAS's ~1340, so the two kernels win (BENCHMARKS.md).
+- gated_gemm_quant (the runtime's gate/up GEMM with that kernel's arithmetic in its epilogue: TMA-fed,
+  persistent, weight rows interleaved) against FP8Linear's cuBLAS GEMM followed by gated_act_quant, at
+  M = 16 .. 16384, K 2048, FFN 16384, with a tile sweep: ms, TFLOPS, bytes equal to the two-kernel path.
 - The runtime's FP8 flash-attention kernel (fp8_kernels.fp8_attention: Q·Kᵀ and P·V on the FP8 tensor
   cores, P quantized unnormalized with scale 1/448, FP32 softmax statistics) over a tile sweep, against
   PyTorch's BF16 SDPA at 8 heads × 256, one KV head, causal, 2048 tokens, batch 8 and 1: ms, TFLOPS and
   the cosine against FP32 attention.
-Timings: CUDA events around 30 back-to-back calls, median of 3 repeats.
+Timings: CUDA events around 30 back-to-back calls, median of 3 repeats; the gated GEMM's also from 30
+calls replayed from one CUDA graph ("gpu_ms": no host time).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -45,6 +44,31 @@ def bench_ms(fn, iters: int = 30) -> float:
         start.record()
         for _ in range(iters):
             fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return sorted(times)[1]
+
+
+def bench_graph_ms(fn, iters: int = 30) -> float:
+    """GPU time per call with no host time in it: `iters` calls captured in one CUDA graph, the graph
+    replayed (median of 3). For kernels so short that back-to-back Python calls would time the host."""
+    for _ in range(3):
+        fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for _ in range(iters):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / iters)
@@ -86,153 +110,82 @@ def gated_rows(ffn: int = 16384) -> list[dict]:
     return rows
 
 
-def gated_gemm_kernel():
-    """An experiment, not part of the runtime: the gate/up GEMM with gated_act_quant's arithmetic in its
-    epilogue, in Triton (two accumulators per tile, the gate's and the up's columns). Returns its launcher
-    (x8, w8, x_scale, w_scale, bias, inv_scale, act, gate_index, out_dtype, config)."""
-    import triton
-    import triton.language as tl
-
-    ACTIVATIONS = fp8_kernels.ACTIVATIONS
-
-    @triton.jit
-    def _gated_gemm_quant_kernel(X, W, Out, x_scale_ptr, w_scale_ptr, bias_ptr, inv_scale_ptr,
-                                 M, F, K, stride_xm, stride_wn, gate_row, up_row,
-                                 ACT: tl.constexpr, W_SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 OUT_FP16: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # One (BLOCK_M, BLOCK_N) tile of act(gate) * up: two accumulators, x times the gate rows and
-        # times the up rows of W at the same columns, so both halves of the tile are in registers.
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N)
-        group = GROUP_M * num_n  # tiles of GROUP_M row-blocks run together: their W columns stay in L2
-        first_m = (pid // group) * GROUP_M
-        rows_here = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % rows_here
-        pid_n = (pid % group) // rows_here
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        rows_x = (offs_m % M).to(tl.int64)  # out-of-range rows and columns read valid memory, are not stored
-        cols_w = offs_n % F
-        x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :]
-        g_ptrs = W + (gate_row + cols_w).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
-        u_ptrs = W + (up_row + cols_w).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-                g = tl.load(g_ptrs)
-                u = tl.load(u_ptrs)
-            else:
-                k_left = K - k * BLOCK_K
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                g = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-                u = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc_g = tl.dot(x, g, acc_g)
-            acc_u = tl.dot(x, u, acc_u)
-            x_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
-        # The epilogue: what FP8Linear's GEMM gives (acc times both scales, plus the bias, rounded to the
-        # model's dtype), then gated_act_quant's arithmetic on it, roundings included.
-        x_scale = tl.load(x_scale_ptr)
-        if W_SCALE_ROWS:
-            g = acc_g * x_scale * tl.load(w_scale_ptr + gate_row + cols_w)[None, :]
-            u = acc_u * x_scale * tl.load(w_scale_ptr + up_row + cols_w)[None, :]
-        else:
-            g = acc_g * x_scale * tl.load(w_scale_ptr)
-            u = acc_u * x_scale * tl.load(w_scale_ptr)
-        if HAS_BIAS:
-            g += tl.load(bias_ptr + gate_row + cols_w).to(tl.float32)[None, :]
-            u += tl.load(bias_ptr + up_row + cols_w).to(tl.float32)[None, :]
-        dtype = tl.float16 if OUT_FP16 else tl.bfloat16
-        h = fp8_kernels.gated_act(g.to(dtype).to(tl.float32), u.to(dtype).to(tl.float32), ACT, dtype)
-        y = tl.clamp(h * tl.load(inv_scale_ptr), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        out_ptrs = Out + offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
-        tl.store(out_ptrs, y.to(tl.float8e4nv), mask=(offs_m[:, None] < M) & (offs_n[None, :] < F))
-
-    def launch_gated_gemm_quant(x8, w8, x_scale, w_scale, bias, inv_scale, act, gate_index, out_dtype, config):
-        """act(gate) · up quantized, of x8 (M, K) times the joined (2F, K) weight w8 (half gate_index the
-        gate's): (M, F) float8_e4m3fn."""
-        rows, k = x8.shape
-        f = w8.shape[0] // 2
-        out = torch.empty((rows, f), dtype=torch.float8_e4m3fn, device=x8.device)
-        if out.numel() == 0:
-            return out
-        c = dict(config)
-        warps, stages = c.pop("num_warps"), c.pop("num_stages")
-        grid = (triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(f, c["BLOCK_N"]),)
-        _gated_gemm_quant_kernel[grid](
-            x8, w8, out, x_scale, w_scale, w_scale if bias is None else bias, inv_scale, rows, f, k,
-            x8.stride(0), w8.stride(0), gate_index * f, (1 - gate_index) * f, ACT=ACTIVATIONS.index(act),
-            W_SCALE_ROWS=w_scale.numel() > 1, HAS_BIAS=bias is not None, OUT_FP16=out_dtype == torch.float16,
-            EVEN_K=k % c["BLOCK_K"] == 0, num_warps=warps, num_stages=stages, **c)
-        return out
-
-    return launch_gated_gemm_quant
-
-
-# the fused gate/up kernel's tile sweep: BLOCK_M, BLOCK_N (per half), BLOCK_K, GROUP_M, warps, stages
-GEMM_SWEEP = [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 64, 8, 8, 4), (128, 64, 128, 8, 4, 4),
-              (128, 64, 128, 8, 8, 4), (64, 128, 128, 8, 4, 4), (256, 64, 128, 8, 8, 3), (128, 128, 128, 8, 4, 3),
-              (128, 128, 128, 16, 8, 3), (64, 64, 128, 8, 4, 5)]
+# the gated GEMM's tile sweep (BLOCK_N = 2 · GATED_GEMM_HALF): BLOCK_M, BLOCK_K, GROUP_M, warps, stages
+GEMM_SWEEP = [(128, 128, 8, 8, 3), (128, 128, 16, 8, 3), (128, 128, 4, 8, 3), (128, 64, 8, 8, 4),
+              (128, 64, 8, 8, 5), (128, 128, 8, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 2)]
 
 
 def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384) -> list[dict]:
-    """The gate/up GEMM and gated_act_quant in one kernel (gated_gemm_quant) against the two kernels the
-    runtime runs otherwise (FP8Linear's cuBLAS row-wise GEMM, then gated_act_quant) and the BF16 GEMM +
-    Inductor's SiLU·mul, at the bench decoder's gate/up shape; with a tile sweep of the fused kernel."""
+    """The runtime's gated GEMM (fp8_kernels.gated_gemm_quant: the gate/up GEMM with gated_act_quant in
+    its epilogue, interleaved weight) against what runs without it (FP8Linear's cuBLAS row-wise GEMM, then
+    gated_act_quant), the same through the interleaved weight (cuBLAS, then gated_act_quant_blocks: the
+    runtime's path below GEMM_EPILOGUE_MIN_ROWS), cuBLAS's GEMM alone and the BF16 GEMM + Inductor's
+    SiLU·mul, at the bench decoder's gate/up shape; a tile sweep at 2048 and 16384 rows."""
+    from quantkit.runtime.gated_mlp import GEMM_EPILOGUE_MIN_ROWS, interleave_gate_up
     from quantkit.runtime.torch_fp8 import FP8Linear
 
-    launch = gated_gemm_kernel()
-    default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    half = fp8_kernels.GATED_GEMM_HALF
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(2 * ffn, hidden, device="cuda", generator=g) * 0.02
     halves = [FP8Linear.from_amax(h, h.abs().amax(), torch.tensor(4.0, device="cuda")) for h in w.split(ffn)]
     gate_up = FP8Linear.concat(halves)
+    wi = interleave_gate_up(gate_up.weight, 0, half)
+    si = interleave_gate_up(gate_up.weight_scale, 0, half)
+    interleaved = FP8Linear(wi, si, gate_up.input_scale, input_inv_scale=gate_up.input_inv_scale)
+    interleaved.rowwise_native = gate_up.rowwise_native
     w_bf16 = w.to(torch.bfloat16)
-    inv = torch.tensor(448 / 0.02, device="cuda")
     silu_mul = torch.compile(lambda pair: F.silu(pair[:, :ffn]) * pair[:, ffn:])
     rows = []
-    for m in (256, 2048, 16384):
+    for m in (16, 64, 256, 512, 1024, 2048, 16384):
         x = torch.randn(m, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
         x8 = gate_up.quantize_input(x)
+        pair = gate_up.matmul_fp8(x8, torch.bfloat16)
+        inv = 448 / (F.silu(pair[:, :ffn]) * pair[:, ffn:]).float().abs().amax()  # as calibrated: no saturation
 
         def unfused():
             gate, up = gate_up.matmul_fp8(x8, torch.bfloat16).split(ffn, dim=-1)
             return torch.ops.quantkit.gated_act_quant(gate, up, inv, "silu")
 
-        def fused(config=default):
-            return launch(x8, gate_up.weight, gate_up.input_scale, gate_up.weight_scale, None, inv, "silu", 0,
-                          torch.bfloat16, config)
+        def blocks():
+            return torch.ops.quantkit.gated_act_quant_blocks(interleaved.matmul_fp8(x8, torch.bfloat16), inv, "silu", half)
+
+        def fused(config=None):
+            return fp8_kernels.launch_gated_gemm_quant(x8, wi, gate_up.input_scale, si, None, inv, "silu",
+                                                       torch.bfloat16, half, config)
 
         want = unfused()
-        got = fused().float()
+        got = fused()
         step = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2 ** -6))) - 3)
         flops = 2 * m * hidden * 2 * ffn
-        row = {"m": m, "k": hidden, "ffn": ffn, "default_config": default,
-               "bytes_equal_to_unfused": round((got.to(torch.float8_e4m3fn).view(torch.uint8)
-                                               == want.view(torch.uint8)).float().mean().item(), 6),
-               "max_diff_fp8_steps": round(((got - want.float()).abs() / step).max().item(), 3)}
-        for name, fn in (("unfused_cublas_plus_kernel", unfused), ("fused_default", fused),
+        row = {"m": m, "k": hidden, "ffn": ffn, "runtime_config": {**fp8_kernels.GATED_GEMM_CONFIG, "half": half},
+               "runtime_uses_fused": m >= GEMM_EPILOGUE_MIN_ROWS,
+               "bytes_equal_to_unfused": round((got.view(torch.uint8) == want.view(torch.uint8)).float().mean().item(), 6),
+               "blocks_bytes_equal_to_unfused": round((blocks().view(torch.uint8) == want.view(torch.uint8))
+                                                      .float().mean().item(), 6),
+               "max_diff_fp8_steps": round(((got.float() - want.float()).abs() / step).max().item(), 3)}
+        for name, fn in (("unfused_cublas_plus_kernel", unfused), ("fused_runtime_config", fused),
+                         ("interleaved_cublas_plus_blocks_kernel", blocks),
+                         ("cublas_gemm_alone", lambda: gate_up.matmul_fp8(x8, torch.bfloat16)),
                          ("bf16_gemm_plus_silu_mul", lambda: silu_mul(x @ w_bf16.t()))):
-            ms = bench_ms(fn)
-            row[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+            ms, gpu_ms = bench_ms(fn), bench_graph_ms(fn)
+            row[name] = {"ms": round(ms, 4), "gpu_ms": round(gpu_ms, 4), "tflops": round(flops / gpu_ms / 1e9, 1)}
+        # "ms": back-to-back calls from Python (host time included at small M); "gpu_ms": replayed from a
+        # CUDA graph, as the runtime runs under reduce-overhead
+        row["fused_over_unfused"] = round(row["unfused_cublas_plus_kernel"]["ms"] / row["fused_runtime_config"]["ms"], 3)
+        row["fused_over_unfused_gpu"] = round(row["unfused_cublas_plus_kernel"]["gpu_ms"]
+                                              / row["fused_runtime_config"]["gpu_ms"], 3)
         row["sweep"] = []
-        for bm, bn, bk, gm, warps, stages in GEMM_SWEEP:
-            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+        for bm, bk, gm, warps, stages in (GEMM_SWEEP if m in (2048, 16384) else []):
+            config = dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
             try:
-                ms = bench_ms(lambda: fused(config))
-                row["sweep"].append({**config, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+                ms = bench_graph_ms(lambda: fused(config))
+                row["sweep"].append({**config, "gpu_ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
             except Exception as e:  # a configuration that does not fit (shared memory, registers)
                 row["sweep"].append({**config, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-        row["best"] = min((r for r in row["sweep"] if "ms" in r), key=lambda r: r["ms"], default=None)
-        row["fused_over_unfused"] = round(row["unfused_cublas_plus_kernel"]["ms"] / row["fused_default"]["ms"], 3)
+        row["best"] = min((r for r in row["sweep"] if "gpu_ms" in r), key=lambda r: r["gpu_ms"], default=None)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
-        del x, x8, want, got
+        del x, x8, pair, want, got
     return rows
 
 

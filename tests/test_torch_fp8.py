@@ -455,6 +455,42 @@ def test_gated_mlp_runs_as_one_module_bit_equal_to_the_fp8_layers(act, act_name,
     assert torch.equal(runner.run({"x": other})["output"], plain.run({"x": other})["output"])
 
 
+def test_interleave_gate_up_puts_each_gate_block_beside_its_up_block():
+    from quantkit.runtime.gated_mlp import interleave_gate_up
+
+    joined = torch.arange(16).reshape(8, 2)  # rows 0-3 one half, rows 4-7 the other
+    assert interleave_gate_up(joined, 0, 2)[:, 0].tolist() == [0, 2, 8, 10, 4, 6, 12, 14]
+    assert interleave_gate_up(joined, 1, 2)[:, 0].tolist() == [8, 10, 0, 2, 12, 14, 4, 6]
+    fp8 = (torch.arange(8, dtype=torch.float32) / 4).to(torch.float8_e4m3fn)
+    out = interleave_gate_up(fp8, 0, 2)
+    assert out.dtype == torch.float8_e4m3fn and out.float().tolist() == [0, 0.25, 1, 1.25, 0.5, 0.75, 1.5, 1.75]
+
+
+@pytest.mark.parametrize("gate_index, variant", [(0, "plain"), (1, "up first")])
+def test_gated_mlp_with_its_weight_interleaved_for_the_gemm_epilogue_gives_the_same_bits(gate_index, variant):
+    # On CPU the interleaved module runs the torch path over the block layout; on Hopper the same layout
+    # feeds the gated GEMM (tests/gpu/test_torch_fp8.py). Either way: the bits of the separate layers.
+    from quantkit.runtime.gated_mlp import gemm_epilogue_reason
+
+    model = _quantized_mlps(variant=variant, act=F.silu if gate_index == 0 else F.gelu)
+    runner = TorchFP8Runner(_loaded(copy.deepcopy(model)), compile=False, device="cpu")
+    x = _data(1, seed=3)[0].to(torch.bfloat16)
+    want = runner.run({"x": x})["output"]
+    mlp = runner.model.layers[0]
+    before = mlp.gate_up.weight.view(torch.uint8).clone()
+    assert mlp.interleave == 0 and gemm_epilogue_reason(mlp.gate_up, 16) is not None  # not on CPU: not interleaved
+    for layer in runner.model.layers:
+        layer.use_gemm_epilogue(16)
+    after = mlp.gate_up.weight.view(torch.uint8)
+    assert mlp.interleave == 16 and after.shape == before.shape == (128, 32)
+    gate = before[:64] if gate_index == 0 else before[64:]
+    up = before[64:] if gate_index == 0 else before[:64]
+    assert torch.equal(after[:16], gate[:16]) and torch.equal(after[16:32], up[:16])
+    assert torch.equal(after[32:48], gate[16:32])
+    got = runner.run({"x": x})["output"]
+    assert got.shape == (4, 5, 32) and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("variant", ["scaled", "residual"])
 def test_an_mlp_doing_more_than_the_gated_mlp_stays_as_it_is(variant):
     from quantkit.runtime.fusion import FusedMember

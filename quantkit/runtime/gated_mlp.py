@@ -6,7 +6,10 @@ Found by what the model does, not by its class or names: after q/k/v and gate/up
 linears, that the module was called once with the pair's input x as its only argument, that its output
 *is* the output of a sibling FP8 linear ("down"), and that down's input is, to the last bit, act(a) · b
 of the pair's outputs for one known activation and order. Such a module is replaced by `FP8GatedMLP`,
-which computes the same thing in three kernels (gate/up GEMM, act · up · quantize, down GEMM). This is
+which computes the same thing in three kernels (gate/up GEMM, act · up · quantize, down GEMM), or, on
+Hopper from GEMM_EPILOGUE_MIN_ROWS rows, in two: the gate/up GEMM with act · up · quantize in its
+epilogue (fp8_kernels.gated_gemm_quant, on the gate/up weight interleaved once), one FP8 bytes either way.
+This is
 the MLP of Llama, Gemma (tanh-GELU), Qwen, Mistral, PaliGemma's Gemma and the LLM backbones of GR00T;
 an MLP that does anything else (dropout, a residual, another activation) fails a check and stays as it is.
 """
@@ -30,6 +33,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# From this many rows (tokens) the gated GEMM beats cuBLAS + the gated kernel on an H200 (GPU time, 256 the
+# fewest measured); below, the two kernels run (scripts/bench_fp8_kernels.py --only gemm, BENCHMARKS.md).
+GEMM_EPILOGUE_MIN_ROWS = 256
+
+
 @dataclass(frozen=True)
 class GatedMLPSite:
     name: str  # the module replaced
@@ -45,8 +53,37 @@ def _kernels():
     return fp8_kernels if fp8_kernels.AVAILABLE else None
 
 
+def interleave_gate_up(joined: torch.Tensor, gate_index: int, half: int) -> torch.Tensor:
+    """The rows (or entries) of a joined [gate; up] (or [up; gate]: gate_index 1) tensor reordered in
+    blocks of `half`: gate rows 0..half-1, up rows 0..half-1, gate rows half..2·half-1, ... FP8 tensors
+    are moved as bytes (torch.stack has no float8 kernels on every device)."""
+    as_bytes = joined.dtype == torch.float8_e4m3fn
+    t = joined.view(torch.uint8) if as_bytes else joined
+    f = t.shape[0] // 2
+    gate, up = t[gate_index * f:(gate_index + 1) * f], t[(1 - gate_index) * f:(2 - gate_index) * f]
+    rest = t.shape[1:]
+    out = torch.stack([gate.reshape(f // half, half, *rest), up.reshape(f // half, half, *rest)], dim=1)
+    out = out.reshape(2 * f, *rest).contiguous()
+    return out.view(torch.float8_e4m3fn) if as_bytes else out
+
+
+def gemm_epilogue_reason(gate_up: nn.Module, half: int) -> str | None:
+    """Why the gated GEMM cannot run this gate/up FP8Linear (None when it can)."""
+    from quantkit.runtime import fp8_kernels
+
+    weight = gate_up.weight
+    if not getattr(fp8_kernels, "GATED_GEMM_AVAILABLE", False):
+        return "Triton with host TMA descriptors is not installed"
+    if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device)[0] != 9:
+        return "the gated GEMM is tuned and tested on Hopper (SM 9.x) only"
+    if gate_up.in_features % 16 or (gate_up.out_features // 2) % half:
+        return f"shape {gate_up.out_features}x{gate_up.in_features}: needs K % 16 == 0 and FFN % {half} == 0"
+    return None
+
+
 class FP8GatedMLP(nn.Module):
-    """down(act(gate(x)) · up(x)) with gate and up one FP8 GEMM and act · up quantized in one pass."""
+    """down(act(gate(x)) · up(x)) with gate and up one FP8 GEMM and act · up quantized in one pass (in the
+    GEMM's epilogue where `use_gemm_epilogue` has interleaved the gate/up weight)."""
 
     def __init__(self, gate_up: nn.Module, sizes: list[int], down: nn.Module, act: str, gate_index: int,
                  original_class: str):
@@ -54,20 +91,51 @@ class FP8GatedMLP(nn.Module):
         self.gate_up, self.down = gate_up, down
         self.sizes, self.act, self.gate_index = list(sizes), act, gate_index
         self.original_class = original_class
+        self.interleave = 0  # > 0: gate_up's rows come interleaved in blocks of this many (interleave_gate_up)
+
+    @torch.no_grad()
+    def use_gemm_epilogue(self, half: int) -> None:
+        """Interleave gate_up's weight rows, weight scales and bias in blocks of `half`, once, in place of
+        the joined ones (no second copy of the weight): the layout fp8_kernels.gated_gemm_quant reads."""
+        if self.interleave:
+            return
+        old = self.gate_up
+        scale = old.weight_scale.expand(old.out_features) if old.weight_scale.dim() == 0 else old.weight_scale
+        # an FP8Linear, named by its class: torch_fp8 imports this module, so this one does not import it
+        new = type(old)(interleave_gate_up(old.weight, self.gate_index, half),
+                        interleave_gate_up(scale, self.gate_index, half), old.input_scale,
+                        None if old.bias is None else interleave_gate_up(old.bias, self.gate_index, half),
+                        old.use_fast_accum, input_inv_scale=old.input_inv_scale)
+        new.rowwise_native = old.rowwise_native
+        self.gate_up, self.interleave = new, half
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        pair = self.gate_up(x.reshape(-1, x.shape[-1])).split(self.sizes, dim=-1)
-        gate, up = pair[self.gate_index], pair[1 - self.gate_index]
-        kernels = _kernels() if gate.is_cuda else None
-        if kernels is not None:
-            h8 = torch.ops.quantkit.gated_act_quant(gate, up, self.down.input_inv_scale, self.act)
-        else:  # the eager ops themselves: the same roundings (act, product, quantization)
-            h8 = self.down.quantize_input(ACTIVATIONS[self.act](gate) * up)
+        x2 = x.reshape(-1, x.shape[-1])
+        gu, inv = self.gate_up, self.down.input_inv_scale
+        if self.interleave and x2.is_cuda and x2.shape[0] >= GEMM_EPILOGUE_MIN_ROWS:
+            h8 = torch.ops.quantkit.gated_gemm_quant(gu.quantize_input(x2), gu.weight, gu.input_scale, gu.weight_scale,
+                                                     gu.bias, inv, self.act, x.dtype, self.interleave)
+        elif self.interleave and x2.is_cuda:
+            h8 = torch.ops.quantkit.gated_act_quant_blocks(gu(x2), inv, self.act, self.interleave)
+        else:
+            pair = gu(x2)
+            if self.interleave:  # blocks of [gate | up] (a model moved off the GPU after interleaving)
+                blocks = pair.view(pair.shape[0], -1, 2, self.interleave)
+                gate, up = blocks[:, :, 0].reshape(pair.shape[0], -1), blocks[:, :, 1].reshape(pair.shape[0], -1)
+            else:
+                halves = pair.split(self.sizes, dim=-1)
+                gate, up = halves[self.gate_index], halves[1 - self.gate_index]
+            if _kernels() is not None and gate.is_cuda:
+                h8 = torch.ops.quantkit.gated_act_quant(gate, up, inv, self.act)
+            else:  # the eager ops themselves: the same roundings (act, product, quantization)
+                h8 = self.down.quantize_input(ACTIVATIONS[self.act](gate) * up)
         return self.down.matmul_fp8(h8, x.dtype).reshape(*lead, self.down.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.original_class}: {self.act}(gate) * up quantized in one kernel"
+        where = (f"in the gate/up GEMM's epilogue from {GEMM_EPILOGUE_MIN_ROWS} rows" if self.interleave
+                 else "in one kernel")
+        return f"{self.original_class}: {self.act}(gate) * up quantized {where}"
 
 
 def _pairs(model: nn.Module, is_fp8: Callable[[nn.Module], bool]) -> dict[str, tuple[FusedSiblings, list[str]]]:
@@ -156,13 +224,21 @@ def gated_mlp_sites(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[
 
 
 @torch.no_grad()
-def fuse_gated_mlps(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[nn.Module], bool]) -> list[GatedMLPSite]:
-    """Replace every gated MLP `gated_mlp_sites` finds by an FP8GatedMLP, in place; returns the sites."""
+def fuse_gated_mlps(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[nn.Module], bool],
+                    gemm_epilogue: bool = True) -> list[GatedMLPSite]:
+    """Replace every gated MLP `gated_mlp_sites` finds by an FP8GatedMLP, in place; returns the sites.
+    With `gemm_epilogue`, each one whose gate/up GEMM the gated GEMM can run (gemm_epilogue_reason)
+    gets its weight interleaved for it."""
+    from quantkit.runtime import fp8_kernels
+
     sites = gated_mlp_sites(model, run, is_fp8)
     for site in sites:
         old = model.get_submodule(site.name)
         member = next(m for m in old.children() if isinstance(m, FusedMember))
-        model.set_submodule(site.name, FP8GatedMLP(member.group.fused, member.group.sizes,
-                                                   old.get_submodule(site.down), site.act, site.gate_index,
-                                                   type(old).__name__))
+        new = FP8GatedMLP(member.group.fused, member.group.sizes, old.get_submodule(site.down), site.act,
+                          site.gate_index, type(old).__name__)
+        half = getattr(fp8_kernels, "GATED_GEMM_HALF", 128)
+        if gemm_epilogue and gemm_epilogue_reason(new.gate_up, half) is None:
+            new.use_gemm_epilogue(half)
+        model.set_submodule(site.name, new)
     return sites

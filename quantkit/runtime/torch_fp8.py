@@ -287,7 +287,8 @@ class TorchFP8Runner:
     With fuse (default), the first batch is also a probe: FP8 linears that read one tensor (q/k/v,
     gate/up) are joined into one GEMM each (quantkit/runtime/fusion.py), and with fuse_mlp (default)
     each gated MLP then runs act(gate) · up and its FP8 quantization in one kernel
-    (quantkit/runtime/gated_mlp.py). With compile (default) the repeated blocks are then
+    (quantkit/runtime/gated_mlp.py) - on Hopper, with gemm_epilogue (default), from GEMM_EPILOGUE_MIN_ROWS tokens in the
+    gate/up GEMM's epilogue. With compile (default) the repeated blocks are then
     torch.compile'd, which fuses each layer's input quantization into the op before it. Attention
     whose Q, K, V and P the recipe quantized to FP8 runs in an FP8 flash-attention kernel on CUDA with
     fp8_attention (default; quantkit/runtime/fp8_attention.py says where it applies), else as ModelOpt
@@ -299,7 +300,7 @@ class TorchFP8Runner:
 
     def __init__(self, loaded, compile: bool = True, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, use_fast_accum: bool = True, regional: bool = True,
-                 fuse: bool = True, fuse_mlp: bool = True, fp8_attention: bool = True):
+                 fuse: bool = True, fuse_mlp: bool = True, fp8_attention: bool = True, gemm_epilogue: bool = True):
         self.loaded = loaded
         model = loaded.model
         if device is None:
@@ -329,6 +330,7 @@ class TorchFP8Runner:
         self.model: nn.Module = model
         self.fused: list[list[str]] | None = None if fuse else []
         self.fuse_mlp = fuse and fuse_mlp
+        self.gemm_epilogue = gemm_epilogue
         self.gated_mlps: list = []  # GatedMLPSite of each MLP run as FP8GatedMLP (found when fusing)
         self.compiled = False
         self._compile_pending = {"regional": regional} if compile else None
@@ -347,7 +349,8 @@ class TorchFP8Runner:
             self.fused = fuse_shared_input_linears(self.model, lambda: self.model(**prepared), fusable=is_fp8,
                                                    concat=FP8Linear.concat)
             if self.fuse_mlp:
-                self.gated_mlps = fuse_gated_mlps(self.model, lambda: self.model(**prepared), is_fp8)
+                self.gated_mlps = fuse_gated_mlps(self.model, lambda: self.model(**prepared), is_fp8,
+                                                  gemm_epilogue=self.gemm_epilogue)
         return self.fused
 
     def compile(self, regional: bool = True, **compile_kwargs: Any) -> None:

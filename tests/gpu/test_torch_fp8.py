@@ -248,6 +248,78 @@ def test_gated_act_quant_saturates_and_keeps_nan():
     assert torch.isnan(got[0, 2]) and got[0, 3].item() == 448.0
 
 
+# The gate/up GEMM with the gated activation in its epilogue (fp8_kernels.gated_gemm_quant), Hopper only
+
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                            reason="the gated GEMM is tuned and tested on Hopper (SM 9.x) only")
+
+
+def _gate_up(k: int, ffn: int, bias: bool, dtype):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(2 * ffn, k, device="cuda", generator=g) * 0.02
+    b = (torch.randn(2 * ffn, device="cuda", generator=g) * 0.1).to(dtype) if bias else None
+    biases = b.split(ffn) if bias else (None, None)
+    return FP8Linear.concat([FP8Linear.from_amax(h, h.abs().amax(), torch.tensor(4.0, device="cuda"), hb)
+                             for h, hb in zip(w.split(ffn), biases)])
+
+
+def _fp8_steps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference in E4M3 steps (one step: 2^(exponent - 3), subnormals' at the smallest)."""
+    step = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2 ** -6))) - 3)
+    return ((got.float() - want.float()).abs() / step).max().item()
+
+
+@hopper
+@pytest.mark.parametrize("act, dtype, gate_index, bias, rows, k", [
+    ("silu", torch.bfloat16, 0, False, 2048, 512),
+    ("gelu_tanh", torch.bfloat16, 1, False, 777, 272),   # rows and K not multiples of the tiles
+    ("silu", torch.float16, 0, True, 1000, 512),
+    ("gelu", torch.bfloat16, 1, True, 129, 2048),
+])
+def test_gated_gemm_gives_the_bytes_of_the_gemm_and_the_gated_kernel(act, dtype, gate_index, bias, rows, k):
+    from quantkit.runtime import fp8_kernels
+    from quantkit.runtime.gated_mlp import ACTIVATIONS, interleave_gate_up
+
+    ffn, half = 1024, fp8_kernels.GATED_GEMM_HALF
+    gu = _gate_up(k, ffn, bias, dtype)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x8 = gu.quantize_input((torch.randn(rows, k, device="cuda", generator=g) * 2).to(dtype))
+    pair = gu.matmul_fp8(x8, dtype)
+    gate, up = pair[:, gate_index * ffn:(gate_index + 1) * ffn], pair[:, (1 - gate_index) * ffn:(2 - gate_index) * ffn]
+    inv = 448 / (ACTIVATIONS[act](gate) * up).float().abs().amax()  # the calibrated scale: no saturation
+    want = torch.ops.quantkit.gated_act_quant(gate, up, inv, act)
+    wi = interleave_gate_up(gu.weight, gate_index, half)
+    si = interleave_gate_up(gu.weight_scale, gate_index, half)
+    bi = None if gu.bias is None else interleave_gate_up(gu.bias, gate_index, half)
+    got = torch.ops.quantkit.gated_gemm_quant(x8, wi, gu.input_scale, si, bi, inv, act, dtype, half)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == (rows, ffn) and got.is_contiguous()
+    same = (got.view(torch.uint8) == want.view(torch.uint8)).float().mean().item()
+    steps = _fp8_steps(got, want)
+    print(f"gated GEMM {act} {dtype} gate_index {gate_index} bias {bias} {rows}x{k}: bytes equal {same:.6f}, "
+          f"max {steps} FP8 steps apart")
+    # one FP32 accumulation order against cuBLAS's: a BF16 rounding can move, rarely, by one step
+    assert same >= 0.999 and steps <= 1.0
+    assert torch.isfinite(want.float()).all() and (want.float().abs() > 1.0).float().mean().item() > 0.5
+    # the same interleaved weight through cuBLAS and the block-layout gated kernel: the bytes of `want`
+    blocks = torch.ops.quantkit.gated_act_quant_blocks(
+        FP8Linear(wi, si, gu.input_scale, bi, input_inv_scale=gu.input_inv_scale).matmul_fp8(x8, dtype), inv, act, half)
+    assert (blocks.view(torch.uint8) == want.view(torch.uint8)).float().mean().item() >= 0.9999
+
+
+@hopper
+def test_gated_gemm_refuses_shapes_it_cannot_tile():
+    from quantkit.runtime import fp8_kernels  # noqa: F401
+
+    x8 = torch.zeros(4, 24, device="cuda").to(torch.float8_e4m3fn)
+    w8 = torch.zeros(512, 24, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    with pytest.raises(ValueError, match="K % 16"):
+        torch.ops.quantkit.gated_gemm_quant(x8, w8, one, one, None, one, "silu", torch.bfloat16, 128)
+    empty = torch.ops.quantkit.gated_gemm_quant(x8[:0, :16], w8[:, :16], one, one, None, one, "silu",
+                                                torch.bfloat16, 128)
+    assert empty.shape == (0, 256) and empty.dtype == torch.float8_e4m3fn
+
+
 class GatedMLP(nn.Module):
     def __init__(self, d: int = 256, ffn: int = 1024):
         super().__init__()
@@ -279,17 +351,33 @@ def test_runner_runs_gated_mlps_through_the_kernel_eager_and_compiled():
     data = [torch.randn(4, 64, 256, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)]
     with torch.no_grad():
         mtq.quantize(model, build_quant_config(make_plan(model, RECIPE)), lambda m: [m(x) for x in data])
-    x = torch.randn(8, 128, 256, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(8, 128, 256, device="cuda", generator=g).to(torch.bfloat16)  # 1024 rows
+    small = torch.randn(1, 100, 256, device="cuda", generator=g).to(torch.bfloat16)  # below GEMM_EPILOGUE_MIN_ROWS
     runners = {}
-    for name, kw in (("plain", {"fuse_mlp": False, "compile": False}), ("eager", {"compile": False}),
-                     ("compiled", {"compile": True})):
+    for name, kw in (("plain", {"fuse_mlp": False, "compile": False}),
+                     ("two kernels", {"compile": False, "gemm_epilogue": False}), ("eager", {"compile": False}),
+                     ("compiled", {"compile": True}), ("graphs", {"compile": False})):
         loaded = LoadedModel(spec="net", model=copy.deepcopy(model), input_names=["x"], output_names=["y"])
         runners[name] = TorchFP8Runner(loaded, **kw)
+    runners["graphs"].fuse({"x": x})
+    runners["graphs"].compile(mode="reduce-overhead")
     out = {name: r.run({"x": x})["y"] for name, r in runners.items()}
+    out["graphs again"] = runners["graphs"].run({"x": x})["y"]
     assert [s.name for s in runners["eager"].gated_mlps] == ["mlps.0", "mlps.1"]
     assert runners["compiled"].compiled and len(runners["compiled"].gated_mlps) == 2
-    assert torch.equal(out["eager"], out["plain"])
-    assert torch.isfinite(out["compiled"]).all() and _cos(out["compiled"], out["eager"]) >= 0.99999
+    assert torch.equal(out["two kernels"], out["plain"])
+    assert runners["two kernels"].model.mlps[0].interleave == 0
+    on_hopper = torch.cuda.get_device_capability()[0] == 9
+    assert runners["eager"].model.mlps[0].interleave == (128 if on_hopper else 0)
+    for name in ("eager", "compiled", "graphs", "graphs again"):
+        cos = _cos(out[name], out["plain"])
+        print(f"gated MLP runner {name}: cosine {cos:.7f} against the separate FP8 ops")
+        assert torch.isfinite(out[name]).all() and cos >= 0.99999, (name, cos)
+    # (not asserted: one FP8 byte of act · up that moves changes a whole row of down's output)
+    print(f"gated MLP runner eager: outputs equal {(out['eager'] == out['plain']).float().mean().item():.6f}")
+    # below the row threshold: the interleaved weight through cuBLAS and the block-layout kernel
+    got_small, want_small = runners["eager"].run({"x": small})["y"], runners["plain"].run({"x": small})["y"]
+    assert got_small.shape == (1, 100, 256) and _cos(got_small, want_small) >= 0.99999
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ a persistent Triton GEMM fed by TMA (Hopper's bulk tensor copies), whose weight 
 in blocks of `half` (gate rows, then the up rows of the same FFN columns: quantkit.runtime.gated_mlp's
 `interleave_gate_up`), so each (BLOCK_M, 2·half) tile holds a gate and its up and stores (BLOCK_M,
 half) FP8. Its epilogue rounds as FP8Linear's GEMM and the gated kernel do, so its bytes are theirs.
-Tuned and tested on Hopper (SM 9.x) only; on an H200 it beats cuBLAS + the gated kernel at every row
-count measured from 256 up (BENCHMARKS.md); the runtime keeps the two kernels below that.
+Tuned and tested on Hopper (SM 9.x) only; on an H200 it is level with cuBLAS + the gated kernel at 16
+rows and faster from 64 to 16384 (BENCHMARKS.md); the runtime keeps the two kernels below 16 rows.
 
 The kernels need Triton (it ships with CUDA builds of torch); without it this module defines nothing
 and says so in AVAILABLE, and quantkit.runtime.gated_mlp runs the same arithmetic in torch instead.
@@ -54,7 +54,8 @@ _BLOCK = 2048  # columns per program: one row-tile of 2 KiB of FP8 out (best of 
 ATTENTION_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # the gated GEMM's tiles (BLOCK_N = 2 · half): the best of 14 (and then of 8 around it) on an H200 at K 2048,
 # FFN 16384, M 2048 and 16384; 3 stages of 128 x 128 + 256 x 128 FP8 operands and the FP8 out tile take
-# 160 KiB of shared memory; bands of 16 row tiles ran 1-18 % faster than 8 (scripts/bench_fp8_kernels.py)
+# 160 KiB of shared memory; bands of 16 row tiles: 2-4 % faster than 8 at 16384 rows, within the noise
+# at 2048 (scripts/bench_fp8_kernels.py, BENCHMARKS.md)
 GATED_GEMM_HALF = 128
 GATED_GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_K=128, GROUP_M=16, num_warps=8, num_stages=3)
 _SM_COUNT: dict[int, int] = {}

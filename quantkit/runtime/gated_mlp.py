@@ -8,10 +8,11 @@ linears, that the module was called once with the pair's input x as its only arg
 of the pair's outputs for one known activation and order. Such a module is replaced by `FP8GatedMLP`,
 which computes the same thing in three kernels (gate/up GEMM, act · up · quantize, down GEMM), or, on
 Hopper from GEMM_EPILOGUE_MIN_ROWS rows, in two: the gate/up GEMM with act · up · quantize in its
-epilogue (fp8_kernels.gated_gemm_quant, on the gate/up weight interleaved once), one FP8 bytes either way.
-This is
-the MLP of Llama, Gemma (tanh-GELU), Qwen, Mistral, PaliGemma's Gemma and the LLM backbones of GR00T;
-an MLP that does anything else (dropout, a residual, another activation) fails a check and stays as it is.
+epilogue (fp8_kernels.gated_gemm_quant, on the gate/up weight interleaved once); the same FP8 bytes
+either way but for a rare one-step rounding apart (another FP32 accumulation order than cuBLAS's;
+tests/gpu/test_torch_fp8.py). This is the MLP of Llama, Gemma (tanh-GELU), Qwen, Mistral, PaliGemma's
+Gemma and the LLM backbones of GR00T; an MLP that does anything else (dropout, a residual, another
+activation) fails a check and stays as it is.
 """
 
 from __future__ import annotations

@@ -287,8 +287,8 @@ class TorchFP8Runner:
     With fuse (default), the first batch is also a probe: FP8 linears that read one tensor (q/k/v,
     gate/up) are joined into one GEMM each (quantkit/runtime/fusion.py), and with fuse_mlp (default)
     each gated MLP then runs act(gate) · up and its FP8 quantization in one kernel
-    (quantkit/runtime/gated_mlp.py) - on Hopper, with gemm_epilogue (default), from GEMM_EPILOGUE_MIN_ROWS tokens in the
-    gate/up GEMM's epilogue. With compile (default) the repeated blocks are then
+    (quantkit/runtime/gated_mlp.py) - on Hopper, with gemm_epilogue (default), in the gate/up GEMM's
+    epilogue (from gated_mlp.GEMM_EPILOGUE_MIN_ROWS tokens). With compile (default) the repeated blocks are then
     torch.compile'd, which fuses each layer's input quantization into the op before it. Attention
     whose Q, K, V and P the recipe quantized to FP8 runs in an FP8 flash-attention kernel on CUDA with
     fp8_attention (default; quantkit/runtime/fp8_attention.py says where it applies), else as ModelOpt

@@ -34,20 +34,24 @@ import torch.nn.functional as F  # noqa: E402
 from quantkit.runtime import fp8_kernels  # noqa: E402  (the kernels below call its Triton helpers)
 
 
-def bench_ms(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
+def _median_ms(run, calls: int) -> float:
+    """ms per call of `run` (which makes `calls` calls), CUDA events around it, median of 3 repeats."""
     times = []
     for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            fn()
+        run()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[1]
+
+
+def bench_ms(fn, iters: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    return _median_ms(lambda: [fn() for _ in range(iters)], iters)
 
 
 def bench_graph_ms(fn, iters: int = 30) -> float:
@@ -64,15 +68,7 @@ def bench_graph_ms(fn, iters: int = 30) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return sorted(times)[1]
+    return _median_ms(graph.replay, iters)
 
 
 def gated_rows(ffn: int = 16384) -> list[dict]:
@@ -121,7 +117,7 @@ def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384) -> list[dict]:
     gated_act_quant), the same through the interleaved weight (cuBLAS, then gated_act_quant_blocks: the
     runtime's path below GEMM_EPILOGUE_MIN_ROWS), cuBLAS's GEMM alone and the BF16 GEMM + Inductor's
     SiLU·mul, at the bench decoder's gate/up shape; a tile sweep at 2048 and 16384 rows."""
-    from quantkit.runtime.gated_mlp import GEMM_EPILOGUE_MIN_ROWS, interleave_gate_up
+    from quantkit.runtime.gated_mlp import GEMM_EPILOGUE_MIN_ROWS, interleave_gate_up_linear
     from quantkit.runtime.torch_fp8 import FP8Linear
 
     half = fp8_kernels.GATED_GEMM_HALF
@@ -129,10 +125,8 @@ def gated_gemm_rows(hidden: int = 2048, ffn: int = 16384) -> list[dict]:
     w = torch.randn(2 * ffn, hidden, device="cuda", generator=g) * 0.02
     halves = [FP8Linear.from_amax(h, h.abs().amax(), torch.tensor(4.0, device="cuda")) for h in w.split(ffn)]
     gate_up = FP8Linear.concat(halves)
-    wi = interleave_gate_up(gate_up.weight, 0, half)
-    si = interleave_gate_up(gate_up.weight_scale, 0, half)
-    interleaved = FP8Linear(wi, si, gate_up.input_scale, input_inv_scale=gate_up.input_inv_scale)
-    interleaved.rowwise_native = gate_up.rowwise_native
+    interleaved = interleave_gate_up_linear(gate_up, 0, half)
+    wi, si = interleaved.weight, interleaved.weight_scale
     w_bf16 = w.to(torch.bfloat16)
     silu_mul = torch.compile(lambda pair: F.silu(pair[:, :ffn]) * pair[:, ffn:])
     rows = []

@@ -69,12 +69,26 @@ def interleave_gate_up(joined: torch.Tensor, gate_index: int, half: int) -> torc
     return out.view(torch.float8_e4m3fn) if as_bytes else out
 
 
+def interleave_gate_up_linear(gate_up: nn.Module, gate_index: int, half: int) -> nn.Module:
+    """A joined gate/up FP8Linear with its weight rows, weight scales and bias interleaved in blocks of
+    `half` (interleave_gate_up): the layout fp8_kernels.gated_gemm_quant reads. A new module of the same
+    class (an FP8Linear, named by its class: torch_fp8 imports this module, so this one does not import it)."""
+    w_scale = gate_up.weight_scale
+    scale = w_scale.expand(gate_up.out_features) if w_scale.dim() == 0 else w_scale
+    bias = None if gate_up.bias is None else interleave_gate_up(gate_up.bias, gate_index, half)
+    new = type(gate_up)(interleave_gate_up(gate_up.weight, gate_index, half),
+                        interleave_gate_up(scale, gate_index, half), gate_up.input_scale, bias,
+                        gate_up.use_fast_accum, input_inv_scale=gate_up.input_inv_scale)
+    new.rowwise_native = gate_up.rowwise_native
+    return new
+
+
 def gemm_epilogue_reason(gate_up: nn.Module, half: int) -> str | None:
     """Why the gated GEMM cannot run this gate/up FP8Linear (None when it can)."""
     from quantkit.runtime import fp8_kernels
 
     weight = gate_up.weight
-    if not getattr(fp8_kernels, "GATED_GEMM_AVAILABLE", False):
+    if not fp8_kernels.GATED_GEMM_AVAILABLE:
         return "Triton with host TMA descriptors is not installed"
     if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device)[0] != 9:
         return "the gated GEMM is tuned and tested on Hopper (SM 9.x) only"
@@ -99,17 +113,8 @@ class FP8GatedMLP(nn.Module):
     def use_gemm_epilogue(self, half: int) -> None:
         """Interleave gate_up's weight rows, weight scales and bias in blocks of `half`, once, in place of
         the joined ones (no second copy of the weight): the layout fp8_kernels.gated_gemm_quant reads."""
-        if self.interleave:
-            return
-        old = self.gate_up
-        scale = old.weight_scale.expand(old.out_features) if old.weight_scale.dim() == 0 else old.weight_scale
-        # an FP8Linear, named by its class: torch_fp8 imports this module, so this one does not import it
-        new = type(old)(interleave_gate_up(old.weight, self.gate_index, half),
-                        interleave_gate_up(scale, self.gate_index, half), old.input_scale,
-                        None if old.bias is None else interleave_gate_up(old.bias, self.gate_index, half),
-                        old.use_fast_accum, input_inv_scale=old.input_inv_scale)
-        new.rowwise_native = old.rowwise_native
-        self.gate_up, self.interleave = new, half
+        if not self.interleave:
+            self.gate_up, self.interleave = interleave_gate_up_linear(self.gate_up, self.gate_index, half), half
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -234,12 +239,12 @@ def fuse_gated_mlps(model: nn.Module, run: Callable[[], Any], is_fp8: Callable[[
     from quantkit.runtime import fp8_kernels
 
     sites = gated_mlp_sites(model, run, is_fp8)
+    half = fp8_kernels.GATED_GEMM_HALF
     for site in sites:
         old = model.get_submodule(site.name)
         member = next(m for m in old.children() if isinstance(m, FusedMember))
         new = FP8GatedMLP(member.group.fused, member.group.sizes, old.get_submodule(site.down), site.act,
                           site.gate_index, type(old).__name__)
-        half = getattr(fp8_kernels, "GATED_GEMM_HALF", 128)
         if gemm_epilogue and gemm_epilogue_reason(new.gate_up, half) is None:
             new.use_gemm_epilogue(half)
         model.set_submodule(site.name, new)

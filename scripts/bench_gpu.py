@@ -598,6 +598,7 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
     for name, value in (("recompile_limit", 64), ("fail_on_recompile_limit_hit", True)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
+    from quantkit.runtime.cuda_graph import CUDAGraphForward
     from quantkit.runtime.torch_fp8 import TorchFP8Runner, compile_model, fp8_weight_bytes
 
     out: dict[str, Any] = {"recipe": "fp8 linears (attention and softmax in the SDPA kernel, BF16)",
@@ -640,6 +641,8 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
     # the same, each gated MLP's act · up · quantize in its own kernel after cuBLAS (no GEMM epilogue)
     fused_two, graph_two = fused_fp8_runner(gemm_epilogue=False), fused_fp8_runner(gemm_epilogue=False)
     base_fused, base_graph = fused_bf16(), fused_bf16()
+    # the whole forward as one CUDA graph (quantkit.runtime.cuda_graph), the layers compiled without graphs
+    whole_runner, base_whole = fused_fp8_runner(), fused_bf16()
     # torchao's copies are made from the BF16 model before it is compiled
     if torchao:
         tao, tao_info = torchao_float8(lambda: copy.deepcopy(base.model))
@@ -664,17 +667,25 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
                 return model(**x, **kw).logits
         return fn
 
+    def one_graph(model):
+        graphed = CUDAGraphForward(model)
+        return lambda x, **kw: graphed(**x, **kw).logits
+
     variants = {"bf16": call(base.model), "fp8": call(runner.model),
                 "bf16 fused": call(base_fused), "fp8 fused": call(fused_runner.model),
                 "bf16 fused graphs": call(base_graph, True), "fp8 fused graphs": call(graph_runner.model, True),
                 "fp8 fused two kernels": call(fused_two.model),
                 "fp8 fused graphs two kernels": call(graph_two.model, True)}
+    if torch.cuda.is_available():  # CUDA graphs need CUDA (the CPU smoke run leaves these rows out)
+        variants.update({"bf16 fused one graph": one_graph(base_whole), "fp8 fused one graph": one_graph(whole_runner.model)})
     # torchao's variants join the compiled loop (not the CUDA-graph one: each graph pool holds its own
     # activation memory) and the eager one; they run the layers as the model defines them, so their
     # rows compare against the unfused quantkit FP8 ("vs_quantkit_fp8").
     variants.update({name: guarded(name, call(model)) for name, model in tao.items()})
     pairs = (("compiled", "bf16", "fp8"), ("compiled, fused q/k/v + gate/up", "bf16 fused", "fp8 fused"),
-             ("compiled + CUDA graphs, fused", "bf16 fused graphs", "fp8 fused graphs"))
+             ("compiled + CUDA graphs, fused", "bf16 fused graphs", "fp8 fused graphs"),
+             ("compiled + one CUDA graph per forward, fused", "bf16 fused one graph", "fp8 fused one graph"))
+    pairs = tuple(p for p in pairs if p[1] in variants)
 
     def drop(name: str, when: str, error: BaseException) -> None:
         """A torchao variant that raised: its error recorded, the variant left out of what follows."""
@@ -748,6 +759,8 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
         graph_runner.compile(mode="reduce-overhead")
         fused_two.compile()
         graph_two.compile(mode="reduce-overhead")
+        compile_model(base_whole)  # recorded whole by one_graph
+        whole_runner.compile()
         for model in tao.values():
             compile_model(model)
         for shape in s["shapes"]:
@@ -780,7 +793,7 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
                 shape_s = "x".join(map(str, shape))
                 out["kernel_ms_" + shape_s] = for_each(
                     f"profile {shape_s}", lambda name: kernel_breakdown(lambda: variants[name](x)),
-                    names=[n for n in variants if "graphs" not in n])
+                    names=[n for n in variants if "graph" not in n])
     out["results"] = results
     if budget.left() > 30:
         # The floor: how far BF16 itself is from FP32 on this model and input (FP8 cannot beat it).
@@ -792,7 +805,8 @@ def runtime_stage(s: dict[str, Any], device: str, calibration, budget: Budget, t
         out["bf16_vs_fp32_cosine"] = round(cosine(bf16_logits, fp32_logits), 6)
         del ref, bf16_logits, fp32_logits
     tao.clear()
-    del runner, fused_runner, graph_runner, fused_two, graph_two, base, base_fused, base_graph, quant, inputs, variants, tao
+    del runner, fused_runner, graph_runner, fused_two, graph_two, whole_runner, base, base_fused, base_graph, base_whole
+    del quant, inputs, variants, tao
     cleanup()
     return out
 

@@ -293,7 +293,8 @@ class TorchFP8Runner:
     whose Q, K, V and P the recipe quantized to FP8 runs in an FP8 flash-attention kernel on CUDA with
     fp8_attention (default; quantkit/runtime/fp8_attention.py says where it applies), else as ModelOpt
     fake quant (correct numerics, no speed-up); unquantized attention stays with the SDPA kernel.
-    Floating inputs are cast to the model's dtype.
+    Floating inputs are cast to the model's dtype. After compile(cuda_graph=True) each input signature's
+    whole forward runs as one CUDA graph, and forward's outputs are that graph's buffers (run copies them).
     """
 
     name = "torch-fp8"
@@ -333,6 +334,7 @@ class TorchFP8Runner:
         self.gemm_epilogue = gemm_epilogue
         self.gated_mlps: list = []  # GatedMLPSite of each MLP run as FP8GatedMLP (found when fusing)
         self.compiled = False
+        self.graphed = None  # the whole forward as CUDA graphs, after compile(cuda_graph=True)
         self._compile_pending = {"regional": regional} if compile else None
 
     def fuse(self, inputs: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -353,15 +355,26 @@ class TorchFP8Runner:
                                                   gemm_epilogue=self.gemm_epilogue)
         return self.fused
 
-    def compile(self, regional: bool = True, **compile_kwargs: Any) -> None:
+    def compile(self, regional: bool = True, cuda_graph: bool = False, **compile_kwargs: Any) -> None:
         """torch.compile the converted model (see compile_model); the first run of each shape compiles.
-        Before the first batch has been fused, this only asks for compilation after fusing."""
+        With cuda_graph, each input signature's whole forward is then recorded as one CUDA graph on its
+        first run and replayed after (quantkit/runtime/cuda_graph.py; not with mode="reduce-overhead",
+        whose per-region graphs it replaces). Before the first batch has been fused, this only asks
+        for compilation after fusing."""
+        if cuda_graph and compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"TorchFP8Runner.compile: cuda_graph records the whole forward; mode="
+                             f"{compile_kwargs['mode']!r} records graphs of its own inside it: use mode='default' "
+                             "or 'max-autotune-no-cudagraphs'")
         if self.fused is None:
-            self._compile_pending = {"regional": regional, **compile_kwargs}
+            self._compile_pending = {"regional": regional, "cuda_graph": cuda_graph, **compile_kwargs}
             return
         if not self.compiled:
             self.model = compile_model(self.model, regional=regional, **compile_kwargs)
             self.compiled = True
+        if cuda_graph and self.graphed is None:
+            from quantkit.runtime.cuda_graph import CUDAGraphForward
+
+            self.graphed = CUDAGraphForward(self.model)
         self._compile_pending = None
 
     def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -379,7 +392,8 @@ class TorchFP8Runner:
         if self._compile_pending is not None:
             self.compile(**self._compile_pending)
         with torch.inference_mode():
-            return self.loaded.named_outputs(self.model(**self._prepare(inputs)))
+            call = self.graphed if self.graphed is not None else self.model
+            return self.loaded.named_outputs(call(**self._prepare(inputs)))
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.forward(inputs).items()}

@@ -1,0 +1,121 @@
+"""A whole forward as one CUDA graph (quantkit/runtime/cuda_graph.py): what runs without a GPU - the
+signature keys, the refusals, and transformers' mask code under a (simulated) stream capture, kept to
+one path by quantkit.compat.transformers.masks_for_capture. The recording itself: tests/gpu/test_cuda_graph.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import transformers.masking_utils as masking
+from quantkit.compat.transformers import masks_for_capture
+from quantkit.models import load_model
+from quantkit.runtime import cuda_graph
+from quantkit.runtime.cuda_graph import CaptureError, CUDAGraphForward
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("llama-tiny").model.eval()
+
+
+@pytest.fixture
+def masks_seen(monkeypatch):
+    """What transformers' sdpa mask function returns on each call (None: the mask left out)."""
+    seen = []
+    original = masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+
+    def spy(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        seen.append(mask)
+        return mask
+
+    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    return seen
+
+
+def _capturing(monkeypatch):
+    """transformers asks torch whether the current stream is capturing: answer yes, as during a capture."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def _logits(model, **inputs):
+    with torch.inference_mode():  # no KV cache, as the runtime runs single forwards (compile_model)
+        return model(**inputs, use_cache=False).logits
+
+
+IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_capture_without_the_context_takes_another_mask_path(llama, masks_seen, monkeypatch):
+    """The problem the context solves: eager leaves the causal mask out, a capture materializes it."""
+    _logits(llama, input_ids=IDS)
+    _capturing(monkeypatch)
+    _logits(llama, input_ids=IDS)
+    assert masks_seen[0] is None
+    assert isinstance(masks_seen[1], torch.Tensor) and masks_seen[1].dtype == torch.bool and masks_seen[1].dim() == 4
+
+
+def test_left_out_under_capture_as_in_eager_when_no_mask_comes_in(llama, masks_seen, monkeypatch):
+    eager = _logits(llama, input_ids=IDS)
+    before = (masking.is_tracing, masking.find_packed_sequence_indices)
+    _capturing(monkeypatch)
+    with masks_for_capture(materialize=False):
+        captured = _logits(llama, input_ids=IDS)
+    assert masks_seen == [None, None]
+    assert torch.equal(captured, eager)  # the same path, the same kernels
+    assert (masking.is_tracing, masking.find_packed_sequence_indices) == before
+
+
+def test_materialized_from_the_inputs_when_a_mask_comes_in(llama, masks_seen):
+    """With a mask among the inputs the graph must honour any padding later replays bring: the mask
+    is built in the warm-up (not capturing) as in the capture, from the mask tensor's values."""
+    padded = torch.ones_like(IDS)
+    padded[0, :5] = 0
+    full = torch.ones_like(IDS)
+    want_padded, want_full = _logits(llama, input_ids=IDS, attention_mask=padded), _logits(llama, input_ids=IDS,
+                                                                                           attention_mask=full)
+    assert isinstance(masks_seen[0], torch.Tensor) and masks_seen[1] is None  # eager: built for padding only
+    with masks_for_capture(materialize=True):
+        got_padded = _logits(llama, input_ids=IDS, attention_mask=padded)
+        got_full = _logits(llama, input_ids=IDS, attention_mask=full)
+    assert all(isinstance(m, torch.Tensor) and m.dim() == 4 for m in masks_seen[2:]) and len(masks_seen) == 4
+    assert torch.equal(masks_seen[2], masks_seen[0])
+    assert torch.equal(got_padded, want_padded)
+    # a causal mask with nothing padded is the causal attention eager ran without one
+    torch.testing.assert_close(got_full, want_full, rtol=1e-5, atol=1e-5)
+
+
+def test_without_transformers_mask_code_nothing_is_touched(monkeypatch):
+    monkeypatch.delitem(sys.modules, "transformers.masking_utils")
+    before = masking.is_tracing
+    with masks_for_capture(materialize=True):
+        assert masking.is_tracing is before
+
+
+def test_the_mask_policy_follows_the_inputs(monkeypatch):
+    chosen = []
+    monkeypatch.setattr("quantkit.compat.transformers.masks_for_capture", lambda materialize: chosen.append(materialize))
+    for inputs in ({"input_ids": IDS}, {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)},
+                   {"input_ids": IDS, "position_ids": torch.arange(24)[None]}, {"input_ids": IDS, "attention_mask": None}):
+        cuda_graph._mask_context(inputs)
+    assert chosen == [False, True, True, False]
+
+
+def test_signatures_key_on_shape_dtype_device_and_plain_values():
+    key = cuda_graph._value_key
+    assert key("x", torch.zeros(2, 3)) == key("x", torch.ones(2, 3))
+    assert key("x", torch.zeros(2, 3)) != key("x", torch.zeros(3, 2))
+    assert key("x", torch.zeros(2, 3)) != key("x", torch.zeros(2, 3, dtype=torch.bfloat16))
+    assert key("n", 1) != key("n", 2) and key("n", None) == ("n", "value", None)
+    with pytest.raises(CaptureError, match="'cache' is a list"):
+        key("cache", [1, 2])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refused_without_cuda():
+    with pytest.raises(CaptureError, match="need a CUDA device") as e:
+        CUDAGraphForward(lambda **kw: None)
+    assert e.value.exit_code == 2

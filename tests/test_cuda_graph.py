@@ -21,19 +21,9 @@ def llama():
     return load_model("llama-tiny").model.eval()
 
 
-@pytest.fixture
-def masks_seen(monkeypatch):
-    """What transformers' sdpa mask function returns on each call (None: the mask left out)."""
-    seen = []
-    original = masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
-
-    def spy(*args, **kwargs):
-        mask = original(*args, **kwargs)
-        seen.append(mask)
-        return mask
-
-    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
-    return seen
+def _masks(sdpa_masks) -> list:
+    """The masks transformers' sdpa mask function returned (None: left out); see tests/conftest.py."""
+    return [mask for _, mask in sdpa_masks]
 
 
 def _capturing(monkeypatch):
@@ -49,27 +39,27 @@ def _logits(model, **inputs):
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def test_a_capture_without_the_context_takes_another_mask_path(llama, masks_seen, monkeypatch):
+def test_a_capture_without_the_context_takes_another_mask_path(llama, sdpa_masks, monkeypatch):
     """The problem the context solves: eager leaves the causal mask out, a capture materializes it."""
     _logits(llama, input_ids=IDS)
     _capturing(monkeypatch)
     _logits(llama, input_ids=IDS)
-    assert masks_seen[0] is None
-    assert isinstance(masks_seen[1], torch.Tensor) and masks_seen[1].dtype == torch.bool and masks_seen[1].dim() == 4
+    assert _masks(sdpa_masks)[0] is None
+    assert isinstance(_masks(sdpa_masks)[1], torch.Tensor) and _masks(sdpa_masks)[1].dtype == torch.bool and _masks(sdpa_masks)[1].dim() == 4
 
 
-def test_left_out_under_capture_as_in_eager_when_no_mask_comes_in(llama, masks_seen, monkeypatch):
+def test_left_out_under_capture_as_in_eager_when_no_mask_comes_in(llama, sdpa_masks, monkeypatch):
     eager = _logits(llama, input_ids=IDS)
     before = (masking.is_tracing, masking.find_packed_sequence_indices)
     _capturing(monkeypatch)
     with masks_for_capture(materialize=False):
         captured = _logits(llama, input_ids=IDS)
-    assert masks_seen == [None, None]
+    assert _masks(sdpa_masks) == [None, None]
     assert torch.equal(captured, eager)  # the same path, the same kernels
     assert (masking.is_tracing, masking.find_packed_sequence_indices) == before
 
 
-def test_materialized_from_the_inputs_when_a_mask_comes_in(llama, masks_seen):
+def test_materialized_from_the_inputs_when_a_mask_comes_in(llama, sdpa_masks):
     """With a mask among the inputs the graph must honour any padding later replays bring: the mask
     is built in the warm-up (not capturing) as in the capture, from the mask tensor's values."""
     padded = torch.ones_like(IDS)
@@ -77,12 +67,12 @@ def test_materialized_from_the_inputs_when_a_mask_comes_in(llama, masks_seen):
     full = torch.ones_like(IDS)
     want_padded, want_full = _logits(llama, input_ids=IDS, attention_mask=padded), _logits(llama, input_ids=IDS,
                                                                                            attention_mask=full)
-    assert isinstance(masks_seen[0], torch.Tensor) and masks_seen[1] is None  # eager: built for padding only
+    assert isinstance(_masks(sdpa_masks)[0], torch.Tensor) and _masks(sdpa_masks)[1] is None  # eager: built for padding only
     with masks_for_capture(materialize=True):
         got_padded = _logits(llama, input_ids=IDS, attention_mask=padded)
         got_full = _logits(llama, input_ids=IDS, attention_mask=full)
-    assert all(isinstance(m, torch.Tensor) and m.dim() == 4 for m in masks_seen[2:]) and len(masks_seen) == 4
-    assert torch.equal(masks_seen[2], masks_seen[0])
+    assert all(isinstance(m, torch.Tensor) and m.dim() == 4 for m in _masks(sdpa_masks)[2:]) and len(sdpa_masks) == 4
+    assert torch.equal(_masks(sdpa_masks)[2], _masks(sdpa_masks)[0])
     assert torch.equal(got_padded, want_padded)
     # a causal mask with nothing padded is the causal attention eager ran without one
     torch.testing.assert_close(got_full, want_full, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import transformers.masking_utils as masking
 from quantkit.models import load_model
 from quantkit.runtime.cuda_graph import CaptureError, CUDAGraphForward
 from quantkit.runtime.torch_fp8 import compile_model
@@ -29,20 +28,9 @@ def _ids(shape, seed):
     return torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(seed)).cuda()
 
 
-@pytest.fixture
-def masks_seen(monkeypatch):
-    """Each sdpa mask transformers builds while capturing (None: left out)."""
-    seen = []
-    original = masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
-
-    def spy(*args, **kwargs):
-        mask = original(*args, **kwargs)
-        if torch.cuda.is_current_stream_capturing():
-            seen.append(mask)
-        return mask
-
-    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
-    return seen
+def _captured_masks(sdpa_masks) -> list:
+    """The sdpa masks transformers built while a stream was capturing (None: left out); tests/conftest.py."""
+    return [mask for capturing, mask in sdpa_masks if capturing]
 
 
 def _bf16_llama():
@@ -50,7 +38,7 @@ def _bf16_llama():
     return compile_model(model)  # per layer, no CUDA graphs of its own
 
 
-def test_replays_give_the_direct_calls_outputs_and_leave_the_mask_out(masks_seen):
+def test_replays_give_the_direct_calls_outputs_and_leave_the_mask_out(sdpa_masks):
     model = _bf16_llama()
     graphed = CUDAGraphForward(model)
     a, b = _ids((2, 64), 0), _ids((2, 64), 1)
@@ -62,7 +50,7 @@ def test_replays_give_the_direct_calls_outputs_and_leave_the_mask_out(masks_seen
         longer = graphed(input_ids=_ids((1, 128), 2)).logits.clone()  # a new signature, a second graph
         want_longer = model(input_ids=_ids((1, 128), 2)).logits
     assert len(graphed.graphs) == 2
-    assert masks_seen == [None, None]  # as eager: SDPA's causal kernel, no materialized mask
+    assert _captured_masks(sdpa_masks) == [None, None]  # as eager: SDPA's causal kernel, no materialized mask
     assert got_a.shape == (2, 64, model.config.vocab_size) and got_a.dtype == torch.bfloat16
     eq = [(g == w).float().mean().item() for g, w in ((got_a, want_a), (got_b, want_b), (longer, want_longer))]
     print(f"one graph vs direct calls: bytes equal {eq}")
@@ -73,7 +61,7 @@ def test_replays_give_the_direct_calls_outputs_and_leave_the_mask_out(masks_seen
     assert _cos(got_a, got_b) < 0.99  # b's replay computed b, not a again
 
 
-def test_a_mask_among_the_inputs_is_built_in_the_graph_from_its_values(masks_seen):
+def test_a_mask_among_the_inputs_is_built_in_the_graph_from_its_values(sdpa_masks):
     model = _bf16_llama()
     graphed = CUDAGraphForward(model)
     ids = _ids((2, 64), 3)
@@ -85,7 +73,8 @@ def test_a_mask_among_the_inputs_is_built_in_the_graph_from_its_values(masks_see
         got_second = graphed(input_ids=ids, attention_mask=second).logits.clone()  # replayed, other padding
         want_first = model(input_ids=ids, attention_mask=first).logits
         want_second = model(input_ids=ids, attention_mask=second).logits
-    assert len(graphed.graphs) == 1 and len(masks_seen) == 1 and masks_seen[0].dim() == 4
+    captured = _captured_masks(sdpa_masks)
+    assert len(graphed.graphs) == 1 and len(captured) == 1 and captured[0].dim() == 4
     for got, want, mask in ((got_first, want_first, first), (got_second, want_second, second)):
         real = mask.bool()  # the logits of padding positions are not compared (nothing to attend to)
         assert torch.isfinite(got[real]).all()

@@ -19,6 +19,7 @@ quantkit.compat.transformers.masks_for_capture for how its capture is kept exact
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Hashable
 
 import torch
@@ -26,6 +27,9 @@ import torch
 from quantkit.errors import QuantkitError
 
 WARMUP_CALLS = 2  # before capture, on a side stream: lazy initialization and compilation happen there
+# Each recorded signature keeps its graph and its activations' memory. Inputs whose shapes keep changing
+# (text of every length) would record without end: past this many, new signatures run unrecorded.
+MAX_GRAPHS = 16
 
 
 class CaptureError(QuantkitError):
@@ -53,19 +57,30 @@ class _Recorded:
 class CUDAGraphForward:
     """`fn(**inputs)` as one CUDA graph per input signature: the first call of a signature warms up and
     records it, every call replays it (outputs: the graph's own tensors). All signatures share one
-    memory pool; replays run on the caller's current stream, one at a time."""
+    memory pool; replays run on the caller's current stream, one at a time. Past `max_graphs`
+    signatures, new ones run as plain calls (warned once): pad inputs to a few fixed shapes instead."""
 
-    def __init__(self, fn: Callable[..., Any], warmup: int = WARMUP_CALLS):
+    def __init__(self, fn: Callable[..., Any], warmup: int = WARMUP_CALLS, max_graphs: int = MAX_GRAPHS):
         if not torch.cuda.is_available():
             raise CaptureError("CUDAGraphForward: CUDA graphs need a CUDA device; none is available")
         self.fn = fn
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Recorded] = {}
+        self.unrecorded_calls = 0
         self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, **inputs: Any) -> Any:
         key = tuple(_value_key(name, inputs[name]) for name in sorted(inputs))
         recorded = self.graphs.get(key)
+        if recorded is None and len(self.graphs) >= self.max_graphs:
+            if not self.unrecorded_calls:
+                warnings.warn(f"CUDAGraphForward: {len(self.graphs)} input signatures recorded (max_graphs); "
+                              "calls of new ones run without a graph. Pad inputs to a few fixed shapes, or raise "
+                              "max_graphs if the GPU memory allows", stacklevel=2)
+            self.unrecorded_calls += 1
+            with torch.inference_mode():
+                return self.fn(**inputs)
         if recorded is None:
             recorded = self.graphs[key] = self._record(inputs, key)
         else:

@@ -96,6 +96,18 @@ def test_a_forward_that_reads_the_device_is_refused_with_the_signature():
     assert torch.ones(3, device="cuda").sum().item() == 3  # the failed capture left CUDA usable
 
 
+def test_past_max_graphs_new_signatures_run_unrecorded():
+    graphed = CUDAGraphForward(lambda x: x * 2 + 1, max_graphs=2)
+    for n in (1, 2):
+        assert torch.equal(graphed(x=torch.full((n,), 3.0, device="cuda")), torch.full((n,), 7.0, device="cuda"))
+    with pytest.warns(UserWarning, match="2 input signatures recorded"):
+        third = graphed(x=torch.full((3,), 3.0, device="cuda"))
+    again = graphed(x=torch.full((4,), 1.0, device="cuda"))
+    assert torch.equal(third, torch.full((3,), 7.0, device="cuda")) and torch.equal(again, torch.full((4,), 3.0, device="cuda"))
+    assert len(graphed.graphs) == 2 and graphed.unrecorded_calls == 2
+    assert torch.equal(graphed(x=torch.full((2,), 0.0, device="cuda")), torch.ones(2, device="cuda"))  # still replayed
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell)")
 def test_the_fp8_runner_records_its_whole_forward():

@@ -99,9 +99,18 @@ def test_signatures_key_on_shape_dtype_device_and_plain_values():
     assert key("x", torch.zeros(2, 3)) == key("x", torch.ones(2, 3))
     assert key("x", torch.zeros(2, 3)) != key("x", torch.zeros(3, 2))
     assert key("x", torch.zeros(2, 3)) != key("x", torch.zeros(2, 3, dtype=torch.bfloat16))
-    assert key("n", 1) != key("n", 2) and key("n", None) == ("n", "value", None)
+    assert key("n", 1) != key("n", 2) and key("n", None) == ("n", "value", "None")
+    assert len({key("n", 1), key("n", True), key("n", 1.0)}) == 3  # equal in Python, not the same input
+    assert key("f", float("nan")) == key("f", float("nan"))  # a NaN value finds its recording again
+    assert key("t", (1, "a", torch.float16)) == key("t", (1, "a", torch.float16))
     with pytest.raises(CaptureError, match="'cache' is a list"):
         key("cache", [1, 2])
+    from transformers import DynamicCache
+
+    with pytest.raises(CaptureError, match="'past_key_values' is a DynamicCache, which a recorded graph cannot replay"):
+        key("past_key_values", DynamicCache())
+    with pytest.raises(CaptureError, match="is a tuple"):
+        key("pair", (torch.zeros(1), 1))  # a tensor inside would be read by reference, not copied
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -64,17 +64,21 @@ MASK_DECIDING_INPUTS = ("attention_mask", "position_ids")
 @contextlib.contextmanager
 def masks_for_capture(materialize: bool) -> Iterator[None]:
     """Make transformers' mask code take one path during a CUDA-graph capture and the forwards that
-    warm it up, and never read the device from the host there.
+    warm it up, and never read the device from the host there. Swaps module globals of
+    transformers.masking_utils: one recording at a time (quantkit.runtime.cuda_graph holds a lock), and
+    no other thread may run a transformers model meanwhile (a capture forbids their CUDA work anyway).
 
     transformers decides from values whether a forward needs a mask (padding, packed sequences) and
-    counts a stream capture as tracing (5.x `masking_utils.is_tracing`), so a captured forward would
+    5.x counts a stream capture as tracing (`masking_utils.is_tracing`), so a captured forward would
     materialize a mask its warm-up left out - another path, recompiled compiled regions in the middle
     of the capture, and a masked (slower) attention kernel. With `materialize` False (the inputs carry
-    no attention mask and no positions, so the decision depends on shapes only) capture does not count
-    as tracing and packed-sequence detection answers "not packed" (the model made the positions
-    itself): the mask is left out exactly as in eager. With `materialize` True (a mask or positions
-    come in, and the graph must honour whatever values later replays bring) the mask code traces in
-    the warm-up too, so the mask is computed on the device, in the graph, from the input buffers.
+    no attention mask and no positions, so the decision depends on shapes only): on 5.x capture does
+    not count as tracing and packed-sequence detection answers "not packed" (the model made the
+    positions itself), which is what eager answers, so the mask is left out as in eager; 4.x never
+    counted capture as tracing and needs nothing. With `materialize` True (a mask or positions come
+    in, and the graph must honour whatever values later replays bring) the causal-skip test answers
+    "keep the mask" without reading it, and 5.x's mask code traces, in the warm-up too: the mask is
+    computed on the device, in the graph, from the input buffers.
     Does nothing where transformers' mask code has not been imported."""
     masking = sys.modules.get("transformers.masking_utils")
     if masking is None:
@@ -87,11 +91,13 @@ def masks_for_capture(materialize: bool) -> Iterator[None]:
         setattr(masking, name, value)
 
     try:
+        v5 = hasattr(masking, "is_tracing")  # transformers 5: module-level is_tracing, capture included
         if materialize:
-            swap("is_tracing", lambda tensor=None: True)
-        else:
-            if hasattr(masking, "is_tracing"):  # transformers 5: capture counts as tracing; 4.x never did
-                swap("is_tracing", _tracing_not_capturing)
+            swap("_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+            if v5:
+                swap("is_tracing", lambda tensor=None: True)
+        elif v5:
+            swap("is_tracing", _tracing_not_capturing)
             swap("find_packed_sequence_indices", lambda position_ids: None)
         yield
     finally:

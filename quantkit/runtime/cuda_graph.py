@@ -8,8 +8,11 @@ without CUDA graphs of their own) and eager code alike - and replays it: one lau
 
 A graph replays the same kernels on the same addresses. So each input tensor is copied into a static
 buffer, the outputs are the graph's own tensors (overwritten by the next replay of the same signature:
-copy what must outlive it), and a signature - every tensor input's shape, dtype and device, every other
-input's value - is recorded once, on its first call. The forward must not read the device from the host
+copy what must outlive it; each signature has its own memory, so replaying one leaves another's
+outputs alone), and a signature - every tensor input's shape, dtype and device, every other input's
+type and value (None, bool, int, float, str, dtype, device, or tuples of these: an object such as a KV
+cache would be mutated by the warm-up and read by reference, not replayed) - is recorded once, on its
+first call. Recording runs one at a time in a process (it swaps transformers' mask globals). The forward must not read the device from the host
 (`.item()`, a branch on a value); capture refuses such code and CaptureError names the signature. Weights
 changed after a signature was recorded are seen by its replays only if changed in place.
 transformers' mask code decides from values whether to build a mask; see
@@ -19,6 +22,7 @@ quantkit.compat.transformers.masks_for_capture for how its capture is kept exact
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any, Callable, Hashable
 
@@ -30,6 +34,8 @@ WARMUP_CALLS = 2  # before capture, on a side stream: lazy initialization and co
 # Each recorded signature keeps its graph and its activations' memory. Inputs whose shapes keep changing
 # (text of every length) would record without end: past this many, new signatures run unrecorded.
 MAX_GRAPHS = 16
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_RECORDING = threading.Lock()  # masks_for_capture swaps module globals: one recording at a time
 
 
 class CaptureError(QuantkitError):
@@ -38,15 +44,18 @@ class CaptureError(QuantkitError):
     exit_code = 2
 
 
+def _plain(value: Any) -> bool:
+    return isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(_plain(v) for v in value))
+
+
 def _value_key(name: str, value: Any) -> Hashable:
     if isinstance(value, torch.Tensor):
         return (name, "tensor", tuple(value.shape), value.dtype, str(value.device))
-    try:
-        hash(value)
-    except TypeError:
-        raise CaptureError(f"CUDAGraphForward: input {name!r} is a {type(value).__name__}, which cannot key a "
-                           "recorded graph; pass tensors and plain values (int, float, bool, str, None)") from None
-    return (name, "value", value)
+    if not _plain(value):
+        raise CaptureError(f"CUDAGraphForward: input {name!r} is a {type(value).__name__}, which a recorded graph "
+                           "cannot replay (its state would be read by reference and changed by the warm-up); pass "
+                           "tensors and plain values (None, bool, int, float, str, dtype, device, tuples of these)")
+    return (name, "value", repr(value))  # repr: 1, True and 1.0 differ, and a NaN matches itself
 
 
 class _Recorded:
@@ -56,8 +65,8 @@ class _Recorded:
 
 class CUDAGraphForward:
     """`fn(**inputs)` as one CUDA graph per input signature: the first call of a signature warms up and
-    records it, every call replays it (outputs: the graph's own tensors). All signatures share one
-    memory pool; replays run on the caller's current stream, one at a time. Past `max_graphs`
+    records it, every call replays it (outputs: the graph's own tensors, under inference mode). Replays
+    run on the caller's current stream, one at a time. Past `max_graphs`
     signatures, new ones run as plain calls (warned once): pad inputs to a few fixed shapes instead."""
 
     def __init__(self, fn: Callable[..., Any], warmup: int = WARMUP_CALLS, max_graphs: int = MAX_GRAPHS):
@@ -68,9 +77,12 @@ class CUDAGraphForward:
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Recorded] = {}
         self.unrecorded_calls = 0
-        self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, **inputs: Any) -> Any:
+        with torch.inference_mode():  # the static buffers are inference tensors, whatever the caller's mode
+            return self._call(inputs)
+
+    def _call(self, inputs: dict[str, Any]) -> Any:
         key = tuple(_value_key(name, inputs[name]) for name in sorted(inputs))
         recorded = self.graphs.get(key)
         if recorded is None and len(self.graphs) >= self.max_graphs:
@@ -79,10 +91,10 @@ class CUDAGraphForward:
                               "calls of new ones run without a graph. Pad inputs to a few fixed shapes, or raise "
                               "max_graphs if the GPU memory allows", stacklevel=2)
             self.unrecorded_calls += 1
-            with torch.inference_mode():
-                return self.fn(**inputs)
+            return self.fn(**inputs)
         if recorded is None:
-            recorded = self.graphs[key] = self._record(inputs, key)
+            with _RECORDING:
+                recorded = self.graphs[key] = self._record(inputs, key)
         else:
             for name, value in inputs.items():
                 if isinstance(value, torch.Tensor):
@@ -101,12 +113,12 @@ class CUDAGraphForward:
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.inference_mode(), masks:
+            with masks:
                 with torch.cuda.stream(stream):
                     for _ in range(self.warmup):
                         self.fn(**static)
                 torch.cuda.current_stream().wait_stream(stream)
-                with torch.cuda.graph(graph, pool=self._pool):
+                with torch.cuda.graph(graph):  # its own memory pool: no other graph's replay writes there
                     output = self.fn(**static)
         except QuantkitError:
             raise

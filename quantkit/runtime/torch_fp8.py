@@ -294,7 +294,8 @@ class TorchFP8Runner:
     fp8_attention (default; quantkit/runtime/fp8_attention.py says where it applies), else as ModelOpt
     fake quant (correct numerics, no speed-up); unquantized attention stays with the SDPA kernel.
     Floating inputs are cast to the model's dtype. After compile(cuda_graph=True) each input signature's
-    whole forward runs as one CUDA graph, and forward's outputs are that graph's buffers (run copies them).
+    whole forward runs as one CUDA graph, and forward's outputs are that graph's buffers (run copies them);
+    a transformers model's all-ones attention_mask is then left out, as transformers' sdpa path does.
     """
 
     name = "torch-fp8"
@@ -361,10 +362,12 @@ class TorchFP8Runner:
         first run and replayed after (quantkit/runtime/cuda_graph.py; not with mode="reduce-overhead",
         whose per-region graphs it replaces). Before the first batch has been fused, this only asks
         for compilation after fusing."""
-        if cuda_graph and compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune"):
+        own_graphs = (compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+                      or (compile_kwargs.get("options") or {}).get("triton.cudagraphs"))
+        if cuda_graph and own_graphs:
             raise ValueError(f"TorchFP8Runner.compile: cuda_graph records the whole forward; mode="
-                             f"{compile_kwargs['mode']!r} records graphs of its own inside it: use mode='default' "
-                             "or 'max-autotune-no-cudagraphs'")
+                             f"{compile_kwargs.get('mode')!r} / options {compile_kwargs.get('options')} record "
+                             "graphs of their own inside it: use mode='default' or 'max-autotune-no-cudagraphs'")
         if self.fused is None:
             self._compile_pending = {"regional": regional, "cuda_graph": cuda_graph, **compile_kwargs}
             return
@@ -392,8 +395,21 @@ class TorchFP8Runner:
         if self._compile_pending is not None:
             self.compile(**self._compile_pending)
         with torch.inference_mode():
-            call = self.graphed if self.graphed is not None else self.model
-            return self.loaded.named_outputs(call(**self._prepare(inputs)))
+            if self.graphed is None:
+                return self.loaded.named_outputs(self.model(**self._prepare(inputs)))
+            return self.loaded.named_outputs(self.graphed(**self._prepare(self._without_full_mask(inputs))))
+
+    def _without_full_mask(self, inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """A transformers model's attention_mask of all ones left out, as transformers' eager sdpa path
+        leaves it out: the graph then records the causal kernel (and FP8 attention) instead of building
+        a mask. Read only from a CPU tensor (no GPU sync); a mask already on the GPU is kept."""
+        from quantkit.compat.transformers import has_attn_implementation
+
+        mask = inputs.get("attention_mask")
+        if (isinstance(mask, torch.Tensor) and mask.device.type == "cpu"
+                and has_attn_implementation(getattr(self.model, "config", None)) and bool(mask.all())):
+            return {k: v for k, v in inputs.items() if k != "attention_mask"}
+        return inputs
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.forward(inputs).items()}

@@ -96,6 +96,17 @@ def test_a_forward_that_reads_the_device_is_refused_with_the_signature():
     assert torch.ones(3, device="cuda").sum().item() == 3  # the failed capture left CUDA usable
 
 
+def test_replaying_one_signature_leaves_anothers_outputs_alone_in_or_out_of_inference_mode():
+    graphed = CUDAGraphForward(lambda x: (x * 2 + 1) * 3)
+    with torch.inference_mode():  # recorded in inference mode ...
+        big = graphed(x=torch.ones(1 << 22, device="cuda"))
+    small = graphed(x=torch.ones(1 << 20, device="cuda"))  # ... and outside it
+    assert torch.equal(small, torch.full((1 << 20,), 9.0, device="cuda"))
+    graphed(x=torch.full((1 << 22,), 2.0, device="cuda"))  # replays the big one with other values
+    assert torch.equal(small, torch.full((1 << 20,), 9.0, device="cuda"))
+    assert torch.equal(big, torch.full((1 << 22,), 15.0, device="cuda"))  # its own outputs: overwritten
+
+
 def test_past_max_graphs_new_signatures_run_unrecorded():
     graphed = CUDAGraphForward(lambda x: x * 2 + 1, max_graphs=2)
     for n in (1, 2):
@@ -131,7 +142,17 @@ def test_the_fp8_runner_records_its_whole_forward():
         want = plain.run({"input_ids": ids})["logits"]
         short = whole.run({"input_ids": ids[:1, :32]})["logits"]
         want_short = plain.run({"input_ids": ids[:1, :32]})["logits"]
-    assert whole.graphed is not None and len(whole.graphed.graphs) == 2
+        # an all-ones mask is left out, as transformers' sdpa path does: the same recording
+        full = whole.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["logits"]
+        assert len(whole.graphed.graphs) == 2
+        padded = torch.ones_like(ids)
+        padded[0, :16] = 0
+        got_padded = whole.run({"input_ids": ids, "attention_mask": padded})["logits"]
+        want_padded = plain.run({"input_ids": ids, "attention_mask": padded})["logits"]
+    assert torch.equal(full, got)
+    real = padded.bool()
+    assert _cos(got_padded[real], want_padded[real]) >= 0.99999
+    assert whole.graphed is not None and len(whole.graphed.graphs) == 3
     assert got.shape == (2, 96, llama.model.config.vocab_size) and got.device.type == "cpu"
     assert torch.equal(got, again) and torch.isfinite(got).all()
     print(f"FP8 runner one graph vs compiled: cosine {_cos(got, want):.7f}, bytes equal "

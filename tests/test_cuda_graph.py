@@ -118,3 +118,23 @@ def test_refused_without_cuda():
     with pytest.raises(CaptureError, match="need a CUDA device") as e:
         CUDAGraphForward(lambda **kw: None)
     assert e.value.exit_code == 2
+
+
+def test_the_runner_leaves_out_an_all_ones_cpu_mask_of_a_transformers_model(llama):
+    """What TorchFP8Runner replays: an all-ones mask read on the CPU is dropped (transformers' sdpa path
+    drops it too), a padded one, one already on a device, or a model without a transformers config keep it."""
+    from types import SimpleNamespace
+
+    from quantkit.runtime.torch_fp8 import TorchFP8Runner
+
+    drop = TorchFP8Runner._without_full_mask
+    runner = SimpleNamespace(model=llama)
+    ones, padded = torch.ones_like(IDS), torch.ones_like(IDS)
+    padded[0, 0] = 0
+    assert set(drop(runner, {"input_ids": IDS, "attention_mask": ones})) == {"input_ids"}
+    assert drop(runner, {"input_ids": IDS, "attention_mask": padded})["attention_mask"] is padded
+    assert set(drop(runner, {"input_ids": IDS})) == {"input_ids"}
+    plain = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    assert drop(plain, {"x": IDS, "attention_mask": ones})["attention_mask"] is ones
+    meta = ones.to("meta")
+    assert drop(runner, {"input_ids": IDS, "attention_mask": meta})["attention_mask"] is meta

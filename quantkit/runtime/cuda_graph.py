@@ -12,8 +12,9 @@ copy what must outlive it; each signature has its own memory, so replaying one l
 outputs alone), and a signature - every tensor input's shape, dtype and device, every other input's
 type and value (None, bool, int, float, str, dtype, device, or tuples of these: an object such as a KV
 cache would be mutated by the warm-up and read by reference, not replayed) - is recorded once, on its
-first call. Recording runs one at a time in a process (it swaps transformers' mask globals). The forward must not read the device from the host
-(`.item()`, a branch on a value); capture refuses such code and CaptureError names the signature. Weights
+first call. Recording runs one at a time in a process (it swaps transformers' mask globals). The
+forward must not read the device from the host (`.item()`, a branch on a value); capture refuses such
+code and CaptureError names the signature. Weights
 changed after a signature was recorded are seen by its replays only if changed in place.
 transformers' mask code decides from values whether to build a mask; see
 quantkit.compat.transformers.masks_for_capture for how its capture is kept exact.
@@ -66,8 +67,8 @@ class _Recorded:
 class CUDAGraphForward:
     """`fn(**inputs)` as one CUDA graph per input signature: the first call of a signature warms up and
     records it, every call replays it (outputs: the graph's own tensors, under inference mode). Replays
-    run on the caller's current stream, one at a time. Past `max_graphs`
-    signatures, new ones run as plain calls (warned once): pad inputs to a few fixed shapes instead."""
+    run on the caller's current stream, one at a time. Past `max_graphs` signatures, new ones run as
+    plain calls (warned once): pad inputs to a few fixed shapes instead."""
 
     def __init__(self, fn: Callable[..., Any], warmup: int = WARMUP_CALLS, max_graphs: int = MAX_GRAPHS):
         if not torch.cuda.is_available():

@@ -79,11 +79,8 @@ class CUDAGraphForward:
         self.graphs: dict[tuple, _Recorded] = {}
         self.unrecorded_calls = 0
 
+    @torch.inference_mode()  # the static buffers are inference tensors, whatever the caller's mode
     def __call__(self, **inputs: Any) -> Any:
-        with torch.inference_mode():  # the static buffers are inference tensors, whatever the caller's mode
-            return self._call(inputs)
-
-    def _call(self, inputs: dict[str, Any]) -> Any:
         key = tuple(_value_key(name, inputs[name]) for name in sorted(inputs))
         recorded = self.graphs.get(key)
         if recorded is None and len(self.graphs) >= self.max_graphs:
